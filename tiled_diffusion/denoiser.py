@@ -1,0 +1,166 @@
+"""The tiled denoiser: x0-space, tile by tile, with skip and variable denoise."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from itertools import groupby
+from typing import Any
+
+import torch
+
+from .blend import window_weights
+from .plan import Plan, Window
+
+NO_ORIGINAL_NOTE = (
+    "Quadtree Tiled Diffusion: no original image (txt2img without hires fix), "
+    "so skip and variable denoise are off; every tile is denoised."
+)
+
+
+class TiledDenoiser:
+    """Drop-in replacement for a k-diffusion denoiser `model(x, sigma, **cond) -> x0`.
+
+    Each active window is denoised by `model`; inactive (skipped or not yet started)
+    tiles return the clean `original`, which keeps them exactly on the re-noised original
+    under every sampler. The result is
+
+        D = o + sum_active w_i (D_i - o) / sum_all w_i
+
+    so pixels outside every active window are exactly `o`.
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., torch.Tensor],
+        plan: Plan,
+        original: torch.Tensor | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ):
+        self.model = model
+        self.plan = plan
+        self.progress = progress
+        self.notes: list[str] = []
+        self.stats = {"calls": 0, "model_calls": 0, "evaluated_pixels": 0}
+        if original is not None:
+            _check_latent("original", original, plan)
+        elif plan.uses_original:
+            self.notes.append(NO_ORIGINAL_NOTE)
+            warnings.warn(NO_ORIGINAL_NOTE, stacklevel=2)
+        if original is not None and any(leaf.start_sigma is None for leaf in plan.leaves):
+            raise ValueError("plan: variable denoise needs the sampler's sigmas; pass sigmas= to build_plan")
+        self.original = original
+        self._device_cache: dict[Any, tuple] = {}
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
+        _check_latent("x", x, self.plan)
+        rows = x.shape[0]
+        level = _sigma_value(sigma)
+        weights, weight_sum, original = self._on_device(x.device)
+        if original is not None:
+            if rows % original.shape[0]:
+                raise ValueError(
+                    f"x: {rows} rows is not a multiple of the original's {original.shape[0]} images"
+                )
+            # Row i belongs to image i % B (cond rows, then uncond rows).
+            original = original[torch.arange(rows, device=x.device) % original.shape[0]]
+        windows = [
+            w for w in self.plan.windows if original is None or self.plan.leaves[w.leaf].is_active(level)
+        ]
+        self.stats["calls"] += 1
+        acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        done = 0
+        for batch in _batches(windows, self.plan.settings.tile_batch):
+            crops = torch.cat([x[:, :, w.y : w.y + w.h, w.x : w.x + w.w] for w in batch])
+            out = self.model(
+                crops,
+                _repeat_rows(sigma, rows, len(batch)),
+                **_batch_cond(cond, batch, rows, self.plan.latent_size),
+            )
+            if out.shape != crops.shape:
+                raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(crops.shape)}")
+            self.stats["model_calls"] += 1
+            for j, w in enumerate(batch):
+                region = (slice(None), slice(None), slice(w.y, w.y + w.h), slice(w.x, w.x + w.w))
+                denoised = out[j * rows : (j + 1) * rows].float()
+                if original is not None:
+                    denoised = denoised - original[region]
+                acc[region] += denoised * weights[(w.h, w.w)]
+                self.stats["evaluated_pixels"] += w.w * w.h
+            done += len(batch)
+            if self.progress:
+                self.progress(done, len(windows))
+        acc /= weight_sum
+        if original is not None:
+            acc += original
+        return acc.to(x.dtype)
+
+    def _on_device(self, device: torch.device) -> tuple:
+        """Weight maps, their sum over all windows and the original, moved once per device."""
+        if device not in self._device_cache:
+            method = self.plan.settings.method
+            shapes = {(w.h, w.w) for w in self.plan.windows}
+            weights = {s: window_weights(method, *s).to(device) for s in shapes}
+            weight_sum = torch.zeros(self.plan.latent_size, device=device)
+            for w in self.plan.windows:
+                weight_sum[w.y : w.y + w.h, w.x : w.x + w.w] += weights[(w.h, w.w)]
+            original = None if self.original is None else self.original.to(device, torch.float32)
+            self._device_cache[device] = (weights, weight_sum, original)
+        return self._device_cache[device]
+
+
+def _check_latent(name: str, latent: torch.Tensor, plan: Plan) -> None:
+    if not isinstance(latent, torch.Tensor) or latent.ndim != 4:
+        raise ValueError(
+            f"{name}: expected a latent tensor [N, C, H, W], got {getattr(latent, 'shape', type(latent))}"
+        )
+    if latent.numel() == 0:
+        raise ValueError(f"{name}: the latent {tuple(latent.shape)} is empty")
+    height, width = plan.latent_size
+    if tuple(latent.shape[-2:]) != (height, width):
+        raise ValueError(
+            f"{name}: latent is {latent.shape[-1]}x{latent.shape[-2]} but the plan was built for "
+            f"{width}x{height} latent px"
+        )
+
+
+def _sigma_value(sigma: torch.Tensor | float) -> float:
+    """The one noise level of this call (hosts give every row the same sigma)."""
+    values = torch.as_tensor(sigma, dtype=torch.float64).flatten()
+    if values.numel() == 0 or not torch.isfinite(values).all():
+        raise ValueError(f"sigma: expected finite noise levels, got {sigma}")
+    if (values != values[0]).any():
+        raise ValueError(f"sigma: rows must share one noise level, got {values.tolist()}")
+    return float(values[0])
+
+
+def _batches(windows: list[Window], size: int) -> list[list[Window]]:
+    """Windows of equal shape, `size` at a time."""
+    by_shape = sorted(windows, key=lambda w: (w.h, w.w))
+    batches = []
+    for _, group in groupby(by_shape, key=lambda w: (w.h, w.w)):
+        group = list(group)
+        batches += [group[i : i + size] for i in range(0, len(group), size)]
+    return batches
+
+
+def _repeat_rows(value: Any, rows: int, times: int) -> Any:
+    """A per-row tensor repeated once per window of the batch; anything else unchanged."""
+    if times > 1 and isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == rows:
+        return torch.cat([value] * times)
+    return value
+
+
+def _batch_cond(value: Any, batch: list[Window], rows: int, latent_size: tuple[int, int]) -> Any:
+    """Conditioning for a batch of windows: spatial maps cropped, per-row tensors repeated."""
+    # Containers are rebuilt only where something inside changed: shared option dicts
+    # (Forge's transformer_options) must stay the very same object.
+    if isinstance(value, dict):
+        new = {k: _batch_cond(v, batch, rows, latent_size) for k, v in value.items()}
+        return value if all(new[k] is v for k, v in value.items()) else new
+    if isinstance(value, (list, tuple)):
+        new = [_batch_cond(v, batch, rows, latent_size) for v in value]
+        return value if all(a is b for a, b in zip(new, value)) else type(value)(new)
+    if isinstance(value, torch.Tensor) and value.ndim == 4 and tuple(value.shape[-2:]) == latent_size:
+        return torch.cat([value[:, :, w.y : w.y + w.h, w.x : w.x + w.w] for w in batch])
+    return _repeat_rows(value, rows, len(batch))

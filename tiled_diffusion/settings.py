@@ -1,0 +1,273 @@
+"""Every parameter of the extension, declared once.
+
+The WebUI controls, the API argument list (by position or by name), the infotext keys,
+the command line options and the README table are all derived from `PARAMETERS`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+METHODS = ("MultiDiffusion", "Mixture of Diffusers")
+SKIP_MODES = ("Keep pixels", "Keep latent")
+
+
+class SettingsError(ValueError):
+    """A parameter has a wrong type, an out-of-range value or an unknown choice."""
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    label: str
+    default: Any
+    help: str
+    group: str  # "tiles", "skip" or "variable denoise": how the UI groups controls
+    minimum: float | None = None
+    maximum: float | None = None
+    step: float | None = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def kind(self) -> type:
+        return type(self.default)
+
+    @property
+    def infotext_key(self) -> str:
+        return f"Quadtree {self.label[0].lower()}{self.label[1:]}"
+
+    def allowed(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.kind is bool:
+            return "true or false"
+        text = f"{'an integer' if self.kind is int else 'a number'} from {self.minimum:g} to {self.maximum:g}"
+        if self.kind is int and self.step and self.step > 1:
+            text += f" in steps of {self.step:g}"
+        return text
+
+    def convert(self, value: Any) -> Any:
+        """Check one value and return it as the parameter's type, or raise SettingsError."""
+        bad = SettingsError(f"{self.name}: {value!r} is not allowed; expected {self.allowed()}")
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise bad
+            return value
+        if self.choices:
+            if value not in self.choices:
+                raise bad
+            return value
+        # Numbers: gradio sliders hand back floats such as 128.0 for integer parameters.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad
+        if self.kind is int:
+            if value != int(value) or int(value) % int(self.step or 1):
+                raise bad
+            value = int(value)
+        else:
+            value = float(value)
+        if not self.minimum <= value <= self.maximum:
+            raise bad
+        return value
+
+
+PARAMETERS: tuple[Param, ...] = (
+    Param(
+        "enabled",
+        "Enabled",
+        False,
+        "Tile the denoiser along an adaptive quadtree of the init image.",
+        "tiles",
+    ),
+    Param(
+        "method",
+        "Method",
+        "Mixture of Diffusers",
+        "How overlapping tiles are blended: MultiDiffusion averages them evenly; "
+        "Mixture of Diffusers weights each tile by a Gaussian centred on it (softer seams).",
+        "tiles",
+        choices=METHODS,
+    ),
+    Param(
+        "detail_threshold",
+        "Detail threshold",
+        90.0,
+        "Split a tile while its colour deviation (RMS distance from the tile's mean colour, "
+        "measured at 1/8 resolution) is above this percentage of the whole image's. "
+        "Lower = more, smaller tiles; 100 and above splits only the busiest tiles.",
+        "tiles",
+        1.0,
+        200.0,
+        1.0,
+    ),
+    Param(
+        "min_tile",
+        "Min tile",
+        128,
+        "Smallest tile side in pixels: a tile is never split into halves smaller than this.",
+        "tiles",
+        64,
+        2048,
+        8,
+    ),
+    Param(
+        "max_tile",
+        "Max tile",
+        512,
+        "Largest tile side in pixels: larger tiles are always split. At least twice Min tile.",
+        "tiles",
+        128,
+        4096,
+        8,
+    ),
+    Param(
+        "overlap",
+        "Overlap",
+        64,
+        "Pixels each tile's model window reaches into its neighbours, blended across.",
+        "tiles",
+        0,
+        512,
+        8,
+    ),
+    Param(
+        "tile_batch",
+        "Tile batch",
+        4,
+        "Windows of equal size evaluated in one model call (more is faster, needs more VRAM).",
+        "tiles",
+        1,
+        32,
+        1,
+    ),
+    Param(
+        "skip_below",
+        "Skip below",
+        0,
+        "Tiles whose shorter side is below this many pixels keep the original and cost no "
+        "model call. 0 = never skip.",
+        "skip",
+        0,
+        2048,
+        1,
+    ),
+    Param(
+        "skip_mode",
+        "Skip mode",
+        "Keep pixels",
+        "What skipped tiles show: 'Keep pixels' pastes the init image's pixels back after "
+        "decoding (exact, blended across the overlap); 'Keep latent' keeps the original latent "
+        "and lets the VAE decode it like the rest.",
+        "skip",
+        choices=SKIP_MODES,
+    ),
+    Param(
+        "variable_denoise",
+        "Variable denoise",
+        False,
+        "Give each tile its own denoising strength, from 'Denoise at largest tiles' to "
+        "'Denoise at smallest tiles' by tile size. Replaces the img2img denoising strength: "
+        "the job runs at the larger of the two.",
+        "variable denoise",
+    ),
+    Param(
+        "denoise_largest",
+        "Denoise at largest tiles",
+        0.3,
+        "Denoising strength of the largest tiles (flat regions).",
+        "variable denoise",
+        0.0,
+        1.0,
+        0.01,
+    ),
+    Param(
+        "denoise_smallest",
+        "Denoise at smallest tiles",
+        0.7,
+        "Denoising strength of the smallest tiles (detailed regions).",
+        "variable denoise",
+        0.0,
+        1.0,
+        0.01,
+    ),
+)
+
+PARAMETERS_BY_NAME = {p.name: p for p in PARAMETERS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All user settings of one job, validated on construction."""
+
+    enabled: bool = PARAMETERS_BY_NAME["enabled"].default
+    method: str = PARAMETERS_BY_NAME["method"].default
+    detail_threshold: float = PARAMETERS_BY_NAME["detail_threshold"].default
+    min_tile: int = PARAMETERS_BY_NAME["min_tile"].default
+    max_tile: int = PARAMETERS_BY_NAME["max_tile"].default
+    overlap: int = PARAMETERS_BY_NAME["overlap"].default
+    tile_batch: int = PARAMETERS_BY_NAME["tile_batch"].default
+    skip_below: int = PARAMETERS_BY_NAME["skip_below"].default
+    skip_mode: str = PARAMETERS_BY_NAME["skip_mode"].default
+    variable_denoise: bool = PARAMETERS_BY_NAME["variable_denoise"].default
+    denoise_largest: float = PARAMETERS_BY_NAME["denoise_largest"].default
+    denoise_smallest: float = PARAMETERS_BY_NAME["denoise_smallest"].default
+
+    def __post_init__(self) -> None:
+        for p in PARAMETERS:
+            object.__setattr__(self, p.name, p.convert(getattr(self, p.name)))
+        if self.max_tile < 2 * self.min_tile:
+            raise SettingsError(
+                f"max_tile: {self.max_tile} is not allowed; expected at least twice min_tile "
+                f"({2 * self.min_tile}), so that splitting a large tile never makes tiles below min_tile"
+            )
+
+    @classmethod
+    def from_args(cls, args: Any) -> Settings:
+        """Settings from a WebUI API `args` value: a positional list, or a list holding one dict of names."""
+        if not isinstance(args, (list, tuple)):
+            raise SettingsError(f"args: expected a list, got {type(args).__name__}")
+        if len(args) == 1 and isinstance(args[0], dict):
+            named = args[0]
+            unknown = [k for k in named if k not in PARAMETERS_BY_NAME]
+            if unknown:
+                raise SettingsError(f"{unknown[0]}: unknown argument; known: {', '.join(PARAMETERS_BY_NAME)}")
+            return cls(**named)
+        if len(args) > len(PARAMETERS):
+            raise SettingsError(
+                f"args: {len(args)} values given, at most {len(PARAMETERS)} allowed "
+                f"({', '.join(PARAMETERS_BY_NAME)})"
+            )
+        return cls(**{p.name: v for p, v in zip(PARAMETERS, args)})
+
+    def as_args(self) -> list[Any]:
+        """The positional API list for these settings."""
+        return [getattr(self, p.name) for p in PARAMETERS]
+
+    def infotext(self) -> dict[str, Any]:
+        """Flat scalar infotext entries (never a dict value: the WebUI cuts those at commas)."""
+        return {p.infotext_key: getattr(self, p.name) for p in PARAMETERS}
+
+    @classmethod
+    def from_infotext(cls, params: dict[str, Any]) -> Settings:
+        """Settings read back from pasted generation parameters (values arrive as strings)."""
+        values = {}
+        for p in PARAMETERS:
+            if p.infotext_key not in params:
+                continue
+            raw = params[p.infotext_key]
+            if isinstance(raw, str):
+                raw = {"True": True, "False": False}.get(raw, raw) if p.kind is bool else raw
+                if p.kind in (int, float):
+                    try:
+                        raw = float(raw)
+                    except ValueError as error:
+                        raise SettingsError(f"{p.name}: {raw!r} is not a number") from error
+            values[p.name] = raw
+        return cls(**values)
+
+
+assert tuple(f.name for f in fields(Settings)) == tuple(PARAMETERS_BY_NAME), (
+    "Settings fields and PARAMETERS disagree"
+)
