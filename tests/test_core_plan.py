@@ -203,7 +203,8 @@ def test_variable_denoise_interpolates_strength_by_depth(largest, smallest):
 def test_start_sigma_follows_the_webui_img2img_rule():
     sigmas = karras(10)
     assert start_sigma(0.5, sigmas) == pytest.approx(float(sigmas[4]))
-    assert start_sigma(1.0, sigmas) == pytest.approx(float(sigmas[0]))
+    assert start_sigma(0.999, sigmas) == pytest.approx(float(sigmas[0]))
+    assert start_sigma(1.0, sigmas) == math.inf  # the job's own strength: from the first step
     assert start_sigma(0.05, sigmas) == pytest.approx(float(sigmas[9]))  # t_enc 0: one step
     assert start_sigma(0.0, sigmas) == 0.0
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from PIL import Image
+
+from .quadtree import LATENT_SCALE
 
 
 def window_weights(method: str, height: int, width: int) -> torch.Tensor:
@@ -24,3 +28,39 @@ def _gaussian(size: int) -> torch.Tensor:
     position = torch.arange(size, dtype=torch.float64)
     spread = 0.15 * size
     return torch.exp(-((position - centre) ** 2) / (2 * spread**2)).float()
+
+
+def weight_sum(plan, keep=lambda leaf: True) -> torch.Tensor:
+    """Sum over the windows whose leaf passes `keep` of their weight maps, [H, W]."""
+    total = torch.zeros(plan.latent_size)
+    for window in plan.windows:
+        if keep(plan.leaves[window.leaf]):
+            weights = window_weights(plan.settings.method, window.h, window.w)
+            total[window.y : window.y + window.h, window.x : window.x + window.w] += weights
+    return total
+
+
+def kept_share(plan) -> torch.Tensor:
+    """Share of the original each latent pixel keeps at the end of the job, [H, W] in 0..1.
+
+    1 inside skipped tiles, 0 where only denoised windows reach, and the blend of the
+    two across the overlap band: exactly the mix the denoiser produced there.
+    """
+    return weight_sum(plan, lambda leaf: leaf.skipped) / weight_sum(plan)
+
+
+def paste_kept_pixels(decoded: Image.Image, original: Image.Image, plan) -> Image.Image:
+    """The decoded image with the original pixels pasted back where tiles were skipped.
+
+    The VAE round trip blurs exactly the fine detail that skipping was meant to keep, so
+    skipped tiles take the init image's own pixels, faded in across the overlap band.
+    """
+    share = kept_share(plan)
+    if not (share > 0).any():
+        return decoded
+    size = decoded.size
+    mask = torch.nn.functional.interpolate(
+        share[None, None], scale_factor=LATENT_SCALE, mode="bilinear", align_corners=False
+    )[0, 0]
+    mask = Image.fromarray(np.uint8(mask.clamp(0, 1).numpy() * 255 + 0.5)).resize(size, Image.Resampling.BILINEAR)
+    return Image.composite(original.convert(decoded.mode).resize(size), decoded, mask)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .blend import window_weights
+from .blend import weight_sum, window_weights
 from .plan import Plan, Window
 
 NO_ORIGINAL_NOTE = (
@@ -20,6 +20,9 @@ NO_ORIGINAL_NOTE = (
 
 class TiledDenoiser:
     """Drop-in replacement for a k-diffusion denoiser `model(x, sigma, **cond) -> x0`.
+
+    `row_images(x, B)` says which image of the original each row of x belongs to; by
+    default row i belongs to image i % B (a host with another row layout passes its own).
 
     Each active window is denoised by `model`; inactive (skipped or not yet started)
     tiles return the clean `original`, which keeps them exactly on the re-noised original
@@ -36,10 +39,12 @@ class TiledDenoiser:
         plan: Plan,
         original: torch.Tensor | None = None,
         progress: Callable[[int, int], None] | None = None,
+        row_images: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.model = model
         self.plan = plan
         self.progress = progress
+        self.row_images = row_images or _rows_in_turn
         self.notes: list[str] = []
         self.stats = {"calls": 0, "model_calls": 0, "evaluated_pixels": 0}
         if original is not None:
@@ -58,12 +63,7 @@ class TiledDenoiser:
         level = _sigma_value(sigma)
         weights, weight_sum, original = self._on_device(x.device)
         if original is not None:
-            if rows % original.shape[0]:
-                raise ValueError(
-                    f"x: {rows} rows is not a multiple of the original's {original.shape[0]} images"
-                )
-            # Row i belongs to image i % B (cond rows, then uncond rows).
-            original = original[torch.arange(rows, device=x.device) % original.shape[0]]
+            original = original[self.row_images(x, original.shape[0])]
         windows = [
             w for w in self.plan.windows if original is None or self.plan.leaves[w.leaf].is_active(level)
         ]
@@ -101,11 +101,8 @@ class TiledDenoiser:
             method = self.plan.settings.method
             shapes = {(w.h, w.w) for w in self.plan.windows}
             weights = {s: window_weights(method, *s).to(device) for s in shapes}
-            weight_sum = torch.zeros(self.plan.latent_size, device=device)
-            for w in self.plan.windows:
-                weight_sum[w.y : w.y + w.h, w.x : w.x + w.w] += weights[(w.h, w.w)]
             original = None if self.original is None else self.original.to(device, torch.float32)
-            self._device_cache[device] = (weights, weight_sum, original)
+            self._device_cache[device] = (weights, weight_sum(self.plan).to(device), original)
         return self._device_cache[device]
 
 
@@ -122,6 +119,13 @@ def _check_latent(name: str, latent: torch.Tensor, plan: Plan) -> None:
             f"{name}: latent is {latent.shape[-1]}x{latent.shape[-2]} but the plan was built for "
             f"{width}x{height} latent px"
         )
+
+
+def _rows_in_turn(x: torch.Tensor, images: int) -> torch.Tensor:
+    """Row i belongs to image i % B: cond rows then uncond rows, each in image order."""
+    if x.shape[0] % images:
+        raise ValueError(f"x: {x.shape[0]} rows is not a multiple of the original's {images} images")
+    return torch.arange(x.shape[0], device=x.device) % images
 
 
 def _sigma_value(sigma: torch.Tensor | float) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from .quadtree import LATENT_SCALE, build_quadtree, detail_map
 from .settings import Settings
 
 ALWAYS = math.inf  # start sigma of a tile that is active from the first step
+NO_SCHEDULE_NOTE = "variable denoise: no sampler schedule given, tile start sigmas are unknown"
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,13 @@ class Plan:
     latent_size: tuple[int, int]
     settings: Settings
     notes: list[str] = field(default_factory=list)
+
+    def with_sigmas(self, sigmas: torch.Tensor) -> Plan:
+        """The same tiles with start sigmas from the sampler's full schedule."""
+        sigmas = _checked_sigmas(sigmas)
+        leaves = [dataclasses.replace(leaf, start_sigma=start_sigma(leaf.strength, sigmas)) for leaf in self.leaves]
+        notes = [n for n in self.notes if n != NO_SCHEDULE_NOTE]
+        return dataclasses.replace(self, leaves=leaves, notes=notes)
 
     @property
     def max_strength(self) -> float:
@@ -102,7 +111,12 @@ class Plan:
 
 
 def start_sigma(strength: float, sigmas: torch.Tensor | None) -> float | None:
-    """Noise level at which a tile of this strength starts, by the WebUI img2img rule."""
+    """Noise level at which a tile of this strength starts, by the WebUI img2img rule.
+
+    Strength 1.0 is the job's own strength (variable denoise off): active from the start.
+    """
+    if strength >= 1.0:
+        return ALWAYS
     if strength <= 0:
         return 0.0
     if sigmas is None:
@@ -147,9 +161,7 @@ def build_plan(
     if height <= 0 or width <= 0:
         raise ValueError(f"latent_size: {width}x{height} latent px is empty")
     if sigmas is not None:
-        sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
-        if len(sigmas) < 2 or not torch.isfinite(sigmas).all():
-            raise ValueError("sigmas: expected a finite schedule of N+1 values ending in 0")
+        sigmas = _checked_sigmas(sigmas)
     scale = LATENT_SCALE
     detail = detail_map(image, (height, width))
     nodes = build_quadtree(
@@ -170,16 +182,23 @@ def build_plan(
                 region.h,
                 strength,
                 skip,
-                ALWAYS if strength == 1.0 else start_sigma(strength, sigmas),
+                start_sigma(strength, sigmas),
                 deviation,
             )
         )
     notes = []
     if settings.variable_denoise and sigmas is None:
-        notes.append("variable denoise: no sampler schedule given, tile start sigmas are unknown")
+        notes.append(NO_SCHEDULE_NOTE)
     ov = settings.overlap // scale
     windows = [_window(leaf, i, ov, width, height) for i, leaf in enumerate(leaves)]
     return Plan(leaves, windows, (height, width), settings, notes)
+
+
+def _checked_sigmas(sigmas) -> torch.Tensor:
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
+    if len(sigmas) < 2 or not torch.isfinite(sigmas).all():
+        raise ValueError("sigmas: expected a finite schedule of N+1 values ending in 0")
+    return sigmas
 
 
 def _window(leaf: Leaf, index: int, overlap: int, width: int, height: int) -> Window:

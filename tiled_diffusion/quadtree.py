@@ -135,3 +135,18 @@ def _split_axis(
     if 2 * side <= other or min(first, second) < min_side:
         return False  # a short side of an elongated node, or halves below the minimum
     return deviation > threshold
+
+
+def latent_as_image(latent) -> np.ndarray:
+    """A stand-in picture of a latent [C, H, W] (C >= 3) for measuring detail, HxWx3 uint8.
+
+    Used where no decoded image exists (the hires-fix pass starts from a latent). The
+    first three channels of SD-family latents carry most of the luminance and colour, and
+    the threshold is relative to the whole picture, so their own scale does not matter.
+    """
+    channels = np.asarray(latent.detach().float().cpu() if hasattr(latent, "detach") else latent, dtype=np.float64)
+    if channels.ndim != 3 or channels.shape[0] < 3:
+        raise ValueError(f"latent: expected [C, H, W] with C >= 3, got shape {channels.shape}")
+    rgb = channels[:3].transpose(1, 2, 0)
+    low, high = rgb.min(), rgb.max()
+    return np.uint8(np.round((rgb - low) / max(high - low, 1e-12) * 255))

@@ -1,0 +1,106 @@
+"""Overlay picture of a plan: tiles coloured by denoise strength, skipped tiles hatched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from .plan import Plan
+from .quadtree import LATENT_SCALE, to_rgb_array
+
+DEFAULT_IMAGE = Path(__file__).parent / "data" / "astronaut.jpg"
+
+# Strength 0, 1/3, 2/3, 1: blue, teal, gold, red. Four stops, so that no strength between
+# them mixes to grey and the common 0.3..0.7 range spans three distinct hues.
+RAMP = ((40, 80, 255), (0, 190, 170), (250, 190, 0), (240, 40, 30))
+NEUTRAL = (255, 255, 255, 40)  # veil over active tiles when variable denoise is off
+
+
+def load_image(path: str | Path | None = None) -> Image.Image:
+    """An image file as RGB (upright by its EXIF orientation); the bundled photo when None."""
+    with Image.open(DEFAULT_IMAGE if path is None else path) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def strength_colour(strength: float) -> tuple[int, int, int]:
+    """The ramp's colour for a denoise strength in 0..1."""
+    s = min(max(strength, 0.0), 1.0) * (len(RAMP) - 1)
+    i = min(int(s), len(RAMP) - 2)
+    return tuple(round(a + (b - a) * (s - i)) for a, b in zip(RAMP[i], RAMP[i + 1]))
+
+
+def draw_plan(image, plan: Plan) -> Image.Image:
+    """The image at the plan's pixel size with every tile drawn on it, and the summary below.
+
+    With variable denoise each active tile is a tone of its strength's colour; skipped tiles
+    keep the photo's own colours under diagonal hatching.
+    """
+    height, width = (side * LATENT_SCALE for side in plan.latent_size)
+    picture = Image.fromarray(to_rgb_array(image)).resize((width, height), Image.Resampling.LANCZOS)
+    grey = picture.convert("L")
+    overlay = Image.new("RGBA", (width, height))
+    draw = ImageDraw.Draw(overlay)
+    font = _font(max(12, min(width, height) // 64))
+    variable = plan.settings.variable_denoise
+    for leaf in plan.leaves:
+        box = tuple(v * LATENT_SCALE for v in (leaf.x, leaf.y, leaf.x + leaf.w, leaf.y + leaf.h))
+        if leaf.skipped:
+            overlay.alpha_composite(_hatch(box[2] - box[0], box[3] - box[1]), box[:2])
+        elif variable:
+            c = strength_colour(leaf.strength)
+            dark, light = tuple(v // 4 for v in c), tuple(v + (255 - v) * 3 // 4 for v in c)
+            picture.paste(ImageOps.colorize(grey.crop(box), dark, light, mid=c), box[:2])
+        else:
+            draw.rectangle(box, fill=NEUTRAL)
+        edge = [box[0], box[1], box[2] - 1, box[3] - 1]
+        draw.rectangle(edge, outline=(20, 20, 20, 230), width=2)
+        draw.rectangle([v + d for v, d in zip(edge, (2, 2, -2, -2))], outline=(255, 255, 255, 150))
+        label = "skip" if leaf.skipped else f"{leaf.strength:.2f}" if variable else ""
+        if label:
+            corner = (box[0] + 6, box[1] + 5)
+            draw.text(corner, label, font=font, fill="white", stroke_width=2, stroke_fill="black")
+    picture = Image.alpha_composite(picture.convert("RGBA"), overlay).convert("RGB")
+    key = "Tile colour and number: denoise strength (blue 0, teal, gold, red 1). " if variable else ""
+    key += "Hatched: skipped, the original is kept." if any(leaf.skipped for leaf in plan.leaves) else ""
+    return _with_legend(picture, [plan.summary(), key, *plan.notes], font)
+
+
+def _hatch(width: int, height: int, spacing: int = 12) -> Image.Image:
+    """Diagonal white-on-dark lines filling a width x height tile."""
+    tile = Image.new("RGBA", (width, height))
+    draw = ImageDraw.Draw(tile)
+    for k in range(0, width + height, spacing):
+        draw.line([(k, 0), (k - height, height)], fill=(0, 0, 0, 150), width=3)
+        draw.line([(k, 0), (k - height, height)], fill=(255, 255, 255, 200), width=1)
+    return tile
+
+
+def _with_legend(picture: Image.Image, lines: list[str], font) -> Image.Image:
+    """The picture with a dark strip below holding the text, wrapped to the picture's width."""
+    measure = ImageDraw.Draw(picture)
+    wrapped: list[str] = []
+    for text in filter(None, lines):
+        line = ""
+        for word in text.split():
+            if line and measure.textlength(f"{line} {word}", font=font) > picture.width - 16:
+                wrapped.append(line)
+                line = word
+            else:
+                line = f"{line} {word}".strip()
+        wrapped.append(line)
+    line_height = font.getbbox("Ag")[3] + 5
+    out = Image.new("RGB", (picture.width, picture.height + line_height * len(wrapped) + 12), (24, 24, 28))
+    out.paste(picture)
+    draw = ImageDraw.Draw(out)
+    for i, line in enumerate(wrapped):
+        draw.text((8, picture.height + 6 + i * line_height), line, font=font, fill=(235, 235, 235))
+    return out
+
+
+def _font(size: int):
+    """PIL's default font at this size (Pillow >= 10.1), else its small bitmap font."""
+    try:
+        return ImageFont.load_default(size)
+    except (TypeError, OSError, ImportError):  # older Pillow (the WebUI pins 9.5) or no FreeType
+        return ImageFont.load_default()
