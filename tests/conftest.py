@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import sys
 import types
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -42,3 +43,38 @@ def _import_k_diffusion() -> types.ModuleType:
 @pytest.fixture(scope="session")
 def k_diffusion() -> types.ModuleType:
     return _import_k_diffusion()
+
+
+@pytest.fixture(scope="session")
+def init_image():
+    """The init image of the host tests: a photo at the job size (512 x 384 px)."""
+    from PIL import Image
+
+    skimage_data = pytest.importorskip("skimage.data")
+    return Image.fromarray(skimage_data.astronaut()).resize((512, 384), Image.Resampling.LANCZOS)
+
+
+@pytest.fixture
+def state(monkeypatch):
+    """modules.shared.state, where the WebUI shows progress text."""
+
+    class State(SimpleNamespace):
+        def __setattr__(self, name, value):
+            if name == "textinfo":
+                self.textinfos.append(value)  # every progress text shown, in order
+            super().__setattr__(name, value)
+
+    tracked = State(interrupted=False, skipped=False, textinfos=[])
+    modules = types.ModuleType("modules")
+    modules.shared = types.ModuleType("modules.shared")
+    modules.shared.state = tracked
+    modules.sd_samplers_common = types.ModuleType("modules.sd_samplers_common")
+    modules.sd_samplers_common.InterruptedException = InterruptedException
+    for name in ("shared", "sd_samplers_common"):
+        monkeypatch.setitem(sys.modules, f"modules.{name}", getattr(modules, name))
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    return tracked
+
+
+class InterruptedException(BaseException):
+    """A1111's sd_samplers_common.InterruptedException (a BaseException there too)."""

@@ -63,7 +63,13 @@ class TiledDenoiser:
         level = _sigma_value(sigma)
         weights, weight_sum, original = self._on_device(x.device)
         if original is not None:
-            original = original[self.row_images(x, original.shape[0])]
+            if original.shape[1] != x.shape[1]:
+                raise ValueError(f"x: {x.shape[1]} channels but the original has {original.shape[1]}")
+            images = self.row_images(x, original.shape[0])
+            if not (
+                rows == original.shape[0] and torch.equal(images, torch.arange(rows, device=images.device))
+            ):
+                original = original[images]  # one row per row of x (no copy when they already match)
         windows = [
             w for w in self.plan.windows if original is None or self.plan.leaves[w.leaf].is_active(level)
         ]

@@ -32,7 +32,7 @@ class Leaf:
     def is_active(self, sigma: float) -> bool:
         if self.skipped or self.start_sigma is None:
             return not self.skipped
-        return sigma <= self.start_sigma * (1 + 1e-5)  # sigmas come from the same schedule
+        return sigma <= self.start_sigma * (1 + 1e-3)  # same schedule; fp16 hosts round it
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,9 @@ class Plan:
     def with_sigmas(self, sigmas: torch.Tensor) -> Plan:
         """The same tiles with start sigmas from the sampler's full schedule."""
         sigmas = _checked_sigmas(sigmas)
-        leaves = [dataclasses.replace(leaf, start_sigma=start_sigma(leaf.strength, sigmas)) for leaf in self.leaves]
+        leaves = [
+            dataclasses.replace(leaf, start_sigma=start_sigma(leaf.strength, sigmas)) for leaf in self.leaves
+        ]
         notes = [n for n in self.notes if n != NO_SCHEDULE_NOTE]
         return dataclasses.replace(self, leaves=leaves, notes=notes)
 
@@ -174,18 +176,9 @@ def build_plan(
     leaves = []
     for (region, deviation), skip in zip(nodes, skipped):
         strength = 0.0 if skip else strengths[region]
-        leaves.append(
-            Leaf(
-                region.x,
-                region.y,
-                region.w,
-                region.h,
-                strength,
-                skip,
-                start_sigma(strength, sigmas),
-                deviation,
-            )
-        )
+        # Strength 0 (variable denoise down to 0) is a skip too: the tile never starts.
+        leaf = Leaf(region.x, region.y, region.w, region.h, strength, strength == 0, None, deviation)
+        leaves.append(dataclasses.replace(leaf, start_sigma=start_sigma(strength, sigmas)))
     notes = []
     if settings.variable_denoise and sigmas is None:
         notes.append(NO_SCHEDULE_NOTE)
@@ -202,6 +195,9 @@ def _checked_sigmas(sigmas) -> torch.Tensor:
 
 
 def _window(leaf: Leaf, index: int, overlap: int, width: int, height: int) -> Window:
+    """The leaf grown by the overlap, at most a quarter of its shorter side: a small tile
+    in a wide band would cost several times its own area in model work."""
+    overlap = min(overlap, min(leaf.w, leaf.h) // 4)
     w = min(leaf.w + 2 * overlap, width)
     h = min(leaf.h + 2 * overlap, height)
     x = min(max(leaf.x - overlap, 0), width - w)
@@ -209,11 +205,19 @@ def _window(leaf: Leaf, index: int, overlap: int, width: int, height: int) -> Wi
     return Window(x, y, w, h, index)
 
 
-def estimated_work(plan: Plan) -> float:
-    """Model work in latent pixels x fraction of the job's steps, from the tile strengths."""
-    top = plan.max_strength
+def estimated_work(plan: Plan, steps: int = 20) -> float:
+    """Model work in latent pixels x share of the job's denoiser calls, from the strengths.
+
+    A tile of strength d runs int(d * steps) + 1 of the job's int(top * steps) + 1 calls
+    (the WebUI img2img rule), for a nominal step count.
+    """
+
+    def calls(strength: float) -> int:
+        return int(min(strength, 0.999) * steps) + 1
+
+    top = calls(plan.max_strength)
     return sum(
-        plan.windows[i].w * plan.windows[i].h * (leaf.strength / top if top else 0.0)
+        plan.windows[i].w * plan.windows[i].h * calls(leaf.strength) / top
         for i, leaf in enumerate(plan.leaves)
         if not leaf.skipped
     )

@@ -1,0 +1,94 @@
+"""Quadtree Tiled Diffusion: the WebUI script (A1111 1.10 and Forge). UI and glue only."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import gradio as gr
+
+from modules import script_callbacks, scripts
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+try:  # a broken install must never stop the WebUI from starting
+    from tiled_diffusion.hosts import api, webui
+    from tiled_diffusion.settings import PARAMETERS
+    from tiled_diffusion.ui import build_ui
+
+    IMPORT_ERROR = None
+except Exception:  # noqa: BLE001 - any failure is shown in the UI instead
+    IMPORT_ERROR = traceback.format_exc()
+    print(f"Quadtree Tiled Diffusion could not load:\n{IMPORT_ERROR}", file=sys.stderr)
+
+try:
+    from modules.ui_components import InputAccordion
+except ImportError:  # WebUIs before 1.7: a plain accordion with a checkbox
+    InputAccordion = None
+
+TITLE = "Quadtree Tiled Diffusion"
+
+
+class Script(scripts.Script):
+    def __init__(self):
+        super().__init__()
+        self.job = None
+        self.sources = {}  # the init image and size controls of this tab, for Preview tiles
+        for elem_id in (
+            "img2img_image",
+            "img2img_width",
+            "img2img_height",
+            "txt2img_width",
+            "txt2img_height",
+        ):
+            self.on_after_component(
+                lambda c, elem_id=elem_id: self.sources.update({elem_id: c}), elem_id=elem_id
+            )
+
+    def title(self):
+        return TITLE
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        if IMPORT_ERROR:
+            gr.HTML(f"<pre>{TITLE} could not load:\n{IMPORT_ERROR}</pre>")
+            return []
+        tab = "img2img" if is_img2img else "txt2img"
+        components = build_ui(
+            gr,
+            accordion=InputAccordion,
+            init_image=self.sources.get("img2img_image") if is_img2img else None,
+            width=self.sources.get(f"{tab}_width"),
+            height=self.sources.get(f"{tab}_height"),
+        )
+        # PNG Info / "Send to img2img" restore every setting from its infotext key.
+        self.infotext_fields = [(c, p.infotext_key) for c, p in zip(components, PARAMETERS)]
+        self.paste_field_names = [p.infotext_key for p in PARAMETERS]
+        return components
+
+    def process(self, p, *args):
+        if IMPORT_ERROR:
+            return
+        if self.job is not None:  # a previous job that ended in an exception
+            self.job.finish()
+        self.job = webui.start(p, args)
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        if self.job is not None:
+            self.job.before_sampling(p, kwargs["x"])
+
+    def postprocess_image(self, p, pp, *args):
+        if self.job is not None:
+            self.job.postprocess_image(p, pp)
+
+    def postprocess(self, p, processed, *args):
+        if self.job is not None:
+            self.job.finish()
+            self.job = None
+
+
+if not IMPORT_ERROR:
+    script_callbacks.on_app_started(lambda demo, app: api.add_validator(app, TITLE))

@@ -1,0 +1,203 @@
+"""The Forge adapter with Forge's UNet patcher, wrapper call pattern and row layout.
+
+The stand-ins follow DESIGN.md section 4 and Forge 2's sampling_function: each call
+stacks whole-batch chunks, uncond first (`cond_or_uncond == [1, 0]`), or one chunk per
+call; `c` holds `c_crossattn` and a `transformer_options` dict with per-row marks; the
+model function returns x0; `clone()` deep-copies the model options.
+"""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import tiled_diffusion as td
+from tiled_diffusion.hosts import webui
+
+from . import fake_a1111 as fake
+from .test_hosts_a1111 import H, W, args, latents, skipped_mask
+
+COND, UNCOND = 0, 1
+
+
+class KModel:
+    """Forge's model function: apply_model(x, sigma, **c) -> x0 (pixel-wise posterior mean)."""
+
+    def __init__(self, mu=0.2, spread=0.5):
+        self.mu, self.spread, self.shapes = mu, spread, []
+
+    def apply_model(self, x, t, c_crossattn, transformer_options, **kwargs):
+        self.shapes.append(tuple(x.shape))
+        marks = transformer_options["cond_mark"]
+        assert marks.shape[0] == x.shape[0] == c_crossattn.shape[0] == t.shape[0]
+        assert sorted(transformer_options["cond_indices"] + transformer_options["uncond_indices"]) == list(
+            range(x.shape[0])
+        )
+        centre = self.mu + c_crossattn[:, :1, :1].unsqueeze(-1)
+        s2 = self.spread**2
+        return centre + s2 / (s2 + t.view(-1, 1, 1, 1) ** 2) * (x - centre)
+
+
+class UnetPatcher:
+    def __init__(self, model):
+        self.model, self.model_options = model, {"transformer_options": {}}
+
+    def clone(self):
+        twin = UnetPatcher(self.model)
+        twin.model_options = copy.deepcopy(self.model_options)
+        return twin
+
+    def set_model_unet_function_wrapper(self, wrapper):
+        self.model_options["model_function_wrapper"] = wrapper
+
+
+def cfg_denoise(unet, x, sigma, cond, uncond, scale, separate):
+    """Forge's calc_cond_uncond_batch for one step: chunks of whole batches, uncond first."""
+    chunks = [(UNCOND, uncond), (COND, cond)]
+    groups = [[c] for c in chunks] if separate else [chunks]
+    out = {}
+    for group in groups:
+        kinds = [kind for kind, _ in group]
+        rows = x.shape[0]
+        marks = [kind for kind in kinds for _ in range(rows)]
+        options = {
+            **unet.model_options["transformer_options"],
+            "cond_or_uncond": kinds,
+            "cond_mark": torch.tensor(marks, dtype=torch.float32),
+            "cond_indices": [i for i, m in enumerate(marks) if m == COND],
+            "uncond_indices": [i for i, m in enumerate(marks) if m == UNCOND],
+        }
+        c = {"c_crossattn": torch.cat([text for _, text in group]), "transformer_options": options}
+        input_x, timestep = torch.cat([x] * len(group)), torch.cat([sigma] * len(group))
+        wrapper = unet.model_options.get("model_function_wrapper")
+        if wrapper:
+            result = wrapper(
+                unet.model.apply_model,
+                {"input": input_x, "timestep": timestep, "c": c, "cond_or_uncond": kinds},
+            )
+        else:
+            result = unet.model.apply_model(input_x, timestep, **c)
+        out.update(zip(kinds, result.chunk(len(group))))
+    return out[UNCOND] + (out[COND] - out[UNCOND]) * scale
+
+
+class ForgeSampler:
+    def __init__(self, k_diffusion, p, separate=False):
+        self.k_diffusion, self.p, self.separate = k_diffusion, p, separate
+
+    def get_sigmas(self, p, steps):
+        return fake.karras(steps)
+
+    def sample_img2img(self, p, x, noise, cond, uncond):
+        steps = p.steps
+        t_enc = int(min(p.denoising_strength, 0.999) * steps)
+        schedule = self.get_sigmas(p, steps)[steps - t_enc - 1 :]
+        unet = p.sd_model.forge_objects.unet
+
+        def model(x, sigma):
+            return cfg_denoise(unet, x, sigma, cond, uncond, p.cfg_scale, self.separate)
+
+        return self.k_diffusion.sampling.sample_euler(model, x + noise * schedule[0], schedule, disable=True)
+
+
+def forge_processing(k_diffusion, image, batch=1, separate=False, previous_wrapper=None, **fields):
+    p = fake.processing([image] if image else None, W, H, batch, **fields)
+    unet = UnetPatcher(KModel())
+    if previous_wrapper:
+        unet.set_model_unet_function_wrapper(previous_wrapper)
+    p.sd_model = SimpleNamespace(forge_objects=SimpleNamespace(unet=unet))
+    p.sd_model.forge_objects_original = unet
+    p.sampler = ForgeSampler(k_diffusion, p, separate)
+    return p
+
+
+def run_forge(p, job_args, original, noise):
+    """One Forge job: forge_objects restored from the original, then the script hooks."""
+    p.sd_model.forge_objects.unet = p.sd_model.forge_objects_original
+    job = webui.start(p, job_args)
+    if job:
+        job.before_sampling(p, original)
+    cond, uncond = fake.conditioning(original.shape[0])
+    out = p.sampler.sample_img2img(p, original, noise, cond, uncond)
+    if job:
+        job.finish()
+    return out, job
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_forge_img2img_keeps_skipped_tiles_and_matches_untiled_elsewhere(k_diffusion, init_image, separate):
+    original, noise = latents(2, 11)
+    p = forge_processing(k_diffusion, init_image, batch=2, separate=separate)
+    out, job = run_forge(p, args(skip_below=100), original, noise)
+    plain, _ = run_forge(forge_processing(k_diffusion, init_image, 2, separate), [False], original, noise)
+    skipped = skipped_mask(job.plan)
+    assert 0 < skipped.float().mean() < 1
+    torch.testing.assert_close(out[..., skipped], original[..., skipped], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[..., ~skipped], plain[..., ~skipped], atol=1e-4, rtol=1e-4)
+    shapes = p.sd_model.forge_objects_original.model.shapes
+    assert shapes and max(s[-1] for s in shapes) < W // 8, "the model saw tiles"
+
+
+def test_forge_chains_the_wrapper_installed_before_it(k_diffusion, init_image):
+    seen = []
+
+    def previous(model_function, params):
+        seen.append(tuple(params["input"].shape))
+        assert len(params["cond_or_uncond"]) == params["input"].shape[0]  # one chunk per window and kind
+        return model_function(params["input"], params["timestep"], **params["c"])
+
+    original, noise = latents(1, 12)
+    p = forge_processing(k_diffusion, init_image, previous_wrapper=previous)
+    out, job = run_forge(p, args(skip_below=100), original, noise)
+    assert seen and max(s[-1] for s in seen) < W // 8, "the earlier wrapper runs per window batch"
+    skipped = skipped_mask(job.plan)
+    torch.testing.assert_close(out[..., skipped], original[..., skipped], atol=1e-4, rtol=0)
+
+
+def test_forge_wrapper_is_shared_not_copied_when_the_patcher_is_cloned(k_diffusion, init_image):
+    original, _ = latents(1, 13)
+    p = forge_processing(k_diffusion, init_image)
+    job = webui.start(p, args(skip_below=100))
+    job.before_sampling(p, original)
+    unet = p.sd_model.forge_objects.unet
+    assert unet is not p.sd_model.forge_objects_original, "installed on a clone"
+    assert "model_function_wrapper" not in p.sd_model.forge_objects_original.model_options
+    wrapper = unet.model_options["model_function_wrapper"]
+    assert unet.clone().model_options["model_function_wrapper"] is wrapper
+    job.finish()
+    assert "get_sigmas" not in vars(p.sampler)
+
+
+def test_forge_variable_denoise_tiles_start_at_their_own_strength(k_diffusion, init_image):
+    original, noise = latents(1, 14)
+    p = forge_processing(k_diffusion, init_image, denoising_strength=0.9)
+    out, job = run_forge(
+        p, args(variable_denoise=True, denoise_largest=0.3, denoise_smallest=0.8), original, noise
+    )
+    assert p.denoising_strength == pytest.approx(0.8)
+    for strength in {leaf.strength for leaf in job.plan.leaves}:
+        single = forge_processing(k_diffusion, init_image, denoising_strength=strength)
+        alone, _ = run_forge(single, [False], original, noise)
+        for leaf in job.plan.leaves:
+            if leaf.strength == strength:
+                region = (..., slice(leaf.y, leaf.y + leaf.h), slice(leaf.x, leaf.x + leaf.w))
+                torch.testing.assert_close(out[region], alone[region], atol=1e-4, rtol=1e-4)
+
+
+def test_forge_rejected_settings_fail_the_generation(k_diffusion, init_image):
+    original, noise = latents(1, 15)
+    p = forge_processing(k_diffusion, init_image)
+    with pytest.raises(td.SettingsError, match="overlap: 12"):
+        run_forge(p, args(overlap=0)[:5] + [12], original, noise)
+
+
+def test_forge_next_job_is_untouched(k_diffusion, init_image):
+    original, noise = latents(1, 16)
+    p = forge_processing(k_diffusion, init_image)
+    run_forge(p, args(skip_below=100), original, noise)
+    after, _ = run_forge(p, [False], original, noise)
+    fresh, _ = run_forge(forge_processing(k_diffusion, init_image), [False], original, noise)
+    torch.testing.assert_close(after, fresh)

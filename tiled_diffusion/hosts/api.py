@@ -1,0 +1,87 @@
+"""Rejects bad `alwayson_scripts` arguments before the WebUI's API handler runs.
+
+The WebUI passes script args through unchecked and swallows exceptions raised in a
+script's `process()`, running the job untiled with HTTP 200. This ASGI middleware
+answers 422 naming the bad argument instead; the request never reaches the handler.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..settings import Settings, SettingsError
+
+GENERATION_PATHS = ("/sdapi/v1/img2img", "/sdapi/v1/txt2img")
+
+
+def payload_error(body: bytes, title: str) -> str | None:
+    """What is wrong with this request's args for the script `title`, or None."""
+    try:
+        payload = json.loads(body or b"null")
+    except ValueError:
+        return None  # not JSON: the WebUI's own validation answers
+    scripts = payload.get("alwayson_scripts") if isinstance(payload, dict) else None
+    if not isinstance(scripts, dict):
+        return None
+    for name, entry in scripts.items():
+        if name.lower() != title.lower():
+            continue
+        if not isinstance(entry, dict) or "args" not in entry:
+            return f'{title}: expected {{"args": [...]}}, got {json.dumps(entry)[:200]}'
+        try:
+            Settings.from_args(entry["args"])
+        except SettingsError as error:
+            return f"{title}: {error}"
+    return None
+
+
+class ArgsValidator:
+    """ASGI middleware: 422 for a generation request whose args for `title` are invalid."""
+
+    def __init__(self, app: Any, title: str):
+        self.app, self.title = app, title
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in GENERATION_PATHS:
+            await self.app(scope, receive, send)
+            return
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                await self.app(scope, receive, send)  # the client went away: let the app see it
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        error = payload_error(body, self.title)
+        if error is not None:
+            content = json.dumps({"error": "SettingsError", "detail": error, "errors": error}).encode()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(content)).encode()),
+            ]
+            await send({"type": "http.response.start", "status": 422, "headers": headers})
+            await send({"type": "http.response.body", "body": content})
+            return
+        delivered = False
+
+        async def replay() -> dict:
+            nonlocal delivered
+            if delivered:
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def add_validator(app: Any, title: str) -> None:
+    """Put the validator in front of a FastAPI/Starlette app, even one already serving.
+
+    Starlette builds its middleware stack once; clearing it makes the next request build
+    it again with this middleware (the WebUI resets it the same way for its own).
+    """
+    app.middleware_stack = None
+    app.add_middleware(ArgsValidator, title=title)

@@ -1,0 +1,134 @@
+"""Forge 2.x: the tiled denoiser as a UNet function wrapper.
+
+Forge restores `p.sd_model.forge_objects` at the start of every job and before the
+hires pass, so a wrapper set on a clone of the UNet patcher lives exactly one pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..denoiser import TiledDenoiser
+from ..plan import Plan
+from .patches import InstancePatches, ScheduleRecorder
+
+NO_SCHEDULE_NOTE = (
+    "Quadtree Tiled Diffusion: variable denoise needs a k-diffusion sampler in Forge; "
+    "with this sampler every tile starts with the job."
+)
+
+
+class UnetWrapper:
+    """`model_function_wrapper` for Forge's UNet patcher.
+
+    Forge calls it as `wrapper(model_function, {"input", "timestep", "c", "cond_or_uncond"})`
+    where `timestep` is sigma and `model_function` returns x0. Each chunk of rows
+    (cond or uncond) holds the batch's B images in order.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        original: torch.Tensor | None,
+        previous: Callable | None = None,
+        schedule: ScheduleRecorder | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        on_note: Callable[[str], None] | None = None,
+    ):
+        self.plan, self.original, self.previous, self.schedule = plan, original, previous, schedule
+        self.progress, self.on_note = progress, on_note
+        self.denoiser: TiledDenoiser | None = None
+        self.error: Exception | None = None  # raised at the first call: rejected settings
+        self._noted: set[str] = set()
+
+    def __deepcopy__(self, memo: dict) -> UnetWrapper:
+        # UnetPatcher.clone() deep-copies model options: share this wrapper, not its latent.
+        return self
+
+    def __call__(self, model_function: Callable, params: dict) -> torch.Tensor:
+        if self.error is not None:
+            raise self.error
+        x, sigma, c = params["input"], params["timestep"], params["c"]
+        chunks = params["cond_or_uncond"]
+
+        def model(crops: torch.Tensor, sigma_rows: torch.Tensor, **cond: Any) -> torch.Tensor:
+            windows = crops.shape[0] // x.shape[0]
+            cond = _per_window_options(cond, chunks * windows, sigma_rows)
+            if self.previous is None:
+                return model_function(crops, sigma_rows, **cond)
+            inner = {"input": crops, "timestep": sigma_rows, "c": cond, "cond_or_uncond": chunks * windows}
+            return self.previous(model_function, inner)
+
+        untiled = self._untiled_reason(x, c)
+        if untiled:
+            self._note(untiled)
+            return model(x, sigma, **c)
+        if self.denoiser is None:
+            self.denoiser = TiledDenoiser(model, self._timed_plan(), self.original, progress=self.progress)
+            for note in self.denoiser.notes:
+                self._note(note)
+        self.denoiser.model = model
+        return self.denoiser(x, sigma, **c)
+
+    def _timed_plan(self) -> Plan:
+        """The plan with start sigmas from the sampler's schedule, where variable denoise needs them."""
+        if self.original is None or not self.plan.settings.variable_denoise:
+            return self.plan
+        if self.schedule is None or self.schedule.sigmas is None:
+            self._note(NO_SCHEDULE_NOTE)
+            return dataclasses.replace(
+                self.plan,
+                leaves=[
+                    dataclasses.replace(leaf, start_sigma=math.inf if not leaf.skipped else 0.0)
+                    for leaf in self.plan.leaves
+                ],
+            )
+        return self.plan.with_sigmas(self.schedule.sigmas)
+
+    def _untiled_reason(self, x: torch.Tensor, c: dict) -> str | None:
+        if tuple(x.shape[-2:]) != tuple(self.plan.latent_size):
+            return "Quadtree Tiled Diffusion: an area-conditioned call is passed through untiled."
+        if c.get("control") is not None:
+            return "Quadtree Tiled Diffusion: ControlNet is active; its calls are passed through untiled."
+        return None
+
+    def _note(self, note: str) -> None:
+        if note not in self._noted and self.on_note:
+            self._noted.add(note)
+            self.on_note(note)
+
+
+def _per_window_options(cond: dict, chunks: list[int], sigma_rows: torch.Tensor) -> dict:
+    """transformer_options that describe the rows of a batch of windows, as Forge lays them out."""
+    options = cond.get("transformer_options")
+    if not isinstance(options, dict) or "cond_or_uncond" not in options:
+        return cond
+    rows = sigma_rows.shape[0] // len(chunks)
+    marks = [chunk for chunk in chunks for _ in range(rows)]
+    options = {
+        **options,
+        "cond_or_uncond": list(chunks),
+        "cond_mark": torch.tensor(marks).to(sigma_rows),
+        "cond_indices": [i for i, mark in enumerate(marks) if mark == 0],
+        "uncond_indices": [i for i, mark in enumerate(marks) if mark != 0],
+    }
+    return {**cond, "transformer_options": options}
+
+
+def install(p: Any, plan: Plan | None, original: torch.Tensor | None, **callbacks: Any) -> UnetWrapper:
+    """Clone the pass's UNet patcher and set the tiled wrapper on it, chaining any earlier one."""
+    unet = p.sd_model.forge_objects.unet.clone()
+    previous = unet.model_options.get("model_function_wrapper")
+    patches = InstancePatches()
+    sampler = getattr(p, "sampler", None)
+    schedule = ScheduleRecorder(sampler, patches) if sampler is not None else None
+    wrapper = UnetWrapper(plan, original, previous=previous, schedule=schedule, **callbacks)
+    wrapper.remove = patches.remove
+    unet.set_model_unet_function_wrapper(wrapper)
+    p.sd_model.forge_objects.unet = unet
+    return wrapper

@@ -1,0 +1,153 @@
+"""One job of the WebUI script, for A1111 and Forge alike: from `process` to `postprocess`.
+
+Everything here reads the processing object `p` the two hosts share; the two ways of
+hooking the denoiser live in a1111.py and forge.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..blend import paste_kept_pixels
+from ..plan import Plan, build_plan
+from ..quadtree import LATENT_SCALE, latent_as_image
+from ..settings import Settings, SettingsError
+from . import a1111, forge
+
+TITLE = "Quadtree Tiled Diffusion"
+
+
+class Job:
+    """The extension's work on one generation job."""
+
+    def __init__(self, settings: Settings, p: Any):
+        self.settings = settings
+        self.img2img = bool(getattr(p, "init_images", None))
+        self.plan: Plan | None = None
+        self.hooks: list[Any] = []
+        self.pasting: list[Image.Image] = []  # init images to paste into skipped tiles
+        p.extra_generation_params.update(settings.infotext())
+        if self.img2img:
+            # The plan comes from the init image as the job resizes it; known already here,
+            # so the job's strength can be set before the sampler reads it.
+            images = [_resized_init_image(p, image) for image in p.init_images]
+            self.plan = build_plan(images[0], settings, (p.height // LATENT_SCALE, p.width // LATENT_SCALE))
+            if settings.skip_mode == "Keep pixels" and any(leaf.skipped for leaf in self.plan.leaves):
+                self.pasting = images
+        if settings.variable_denoise:
+            strength = (
+                self.plan.max_strength
+                if self.plan
+                else max(settings.denoise_largest, settings.denoise_smallest)
+            )
+            p.denoising_strength = strength  # the per-tile range replaces the img2img strength
+
+    def before_sampling(self, p: Any, x: torch.Tensor) -> None:
+        """Install the tiled denoiser for the sampling pass about to start (`x`: its latent)."""
+        latent_size = tuple(x.shape[-2:])
+        hires = bool(getattr(p, "is_hr_pass", False))
+        if self.plan is None or self.plan.latent_size != latent_size or hires:
+            # txt2img: the hires pass starts from the upscaled first pass; the first pass has
+            # no picture yet, so it gets an even grid of the largest tiles.
+            image = latent_as_image(x[0]) if hires else np.zeros((*latent_size, 3), dtype=np.uint8)
+            self.plan = build_plan(image, self.settings, latent_size)
+            self.pasting = []
+        if not (self.img2img or hires) and self.plan.uses_original:
+            _note(
+                p,
+                "Quadtree Tiled Diffusion: skip and variable denoise need an init image (img2img) "
+                "or the hires-fix pass; this pass denoises every tile.",
+            )
+        callbacks = {"progress": _progress, "on_note": lambda note: _note(p, note)}
+        self.finish()  # the previous pass's hook (Forge also calls this twice before a hires pass)
+        if _is_forge(p):
+            self.hooks.append(
+                forge.install(p, self.plan, x if (self.img2img or hires) else None, **callbacks)
+            )
+        else:
+            self.hooks.append(a1111.SamplerHook(p.sampler, self.plan, **callbacks).install())
+
+    def postprocess_image(self, p: Any, pp: Any) -> None:
+        """Keep pixels: paste the init image back into skipped tiles, faded across the overlap."""
+        if self.pasting and self.plan is not None:
+            index = min(getattr(p, "batch_index", 0), len(self.pasting) - 1)
+            pp.image = paste_kept_pixels(pp.image, self.pasting[index], self.plan)
+
+    def finish(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
+
+
+class RejectedJob:
+    """Settings that failed validation. The WebUI swallows exceptions from `process`, which
+    would run the job untiled and answer 200; raising from inside the sampler instead fails
+    the generation (HTTP 500 from the API, an error in the UI)."""
+
+    def __init__(self, error: SettingsError):
+        self.error = error
+        self.hooks: list[Any] = []
+
+    def before_sampling(self, p: Any, x: torch.Tensor) -> None:
+        error = SettingsError(f"{TITLE}: {self.error}")
+        self.finish()
+        if _is_forge(p):
+            self.hooks.append(forge.install(p, None, None))
+            self.hooks[-1].error = error
+        else:
+            self.hooks.append(a1111.FailingHook(p.sampler, error).install())
+
+    def postprocess_image(self, p: Any, pp: Any) -> None:
+        pass
+
+    def finish(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
+
+
+def start(p: Any, args: tuple) -> Job | RejectedJob | None:
+    """The job for these script args, or None when the extension is off."""
+    try:
+        settings = Settings.from_args(list(args))
+    except SettingsError as error:
+        return RejectedJob(error)
+    return Job(settings, p) if settings.enabled else None
+
+
+def _is_forge(p: Any) -> bool:
+    return hasattr(getattr(p, "sd_model", None), "forge_objects")
+
+
+def _resized_init_image(p: Any, image: Image.Image) -> Image.Image:
+    """The init image as the job sees it: resized by the job's resize mode."""
+    try:
+        from modules import images  # the WebUI's own resize (crop / fill / just resize)
+
+        return images.resize_image(getattr(p, "resize_mode", 0), image.convert("RGB"), p.width, p.height)
+    except ImportError:
+        return image.convert("RGB").resize((p.width, p.height), Image.Resampling.LANCZOS)
+
+
+def _note(p: Any, text: str) -> None:
+    """A message the user sees under the result (and in the console)."""
+    print(text)
+    if hasattr(p, "comment"):
+        p.comment(text)
+
+
+def _progress(done: int, total: int) -> None:
+    """Tile progress in the WebUI's progress text; an interrupt stops between tile batches."""
+    try:
+        from modules import sd_samplers_common, shared
+    except ImportError:
+        return
+    if shared.state.interrupted or getattr(shared.state, "skipped", False):
+        # The sampler checks only once per step; a big step holds many tile batches.
+        raise sd_samplers_common.InterruptedException
+    if total > 1:
+        shared.state.textinfo = f"{TITLE}: tile {done}/{total}"
