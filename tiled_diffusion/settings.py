@@ -96,7 +96,8 @@ PARAMETERS: tuple[Param, ...] = (
         90.0,
         "Split a tile while its colour deviation (RMS distance from the tile's mean colour, "
         "measured at 1/8 resolution) is above this percentage of the whole image's. "
-        "Lower = more, smaller tiles; 100 and above splits only the busiest tiles.",
+        "Lower = more, smaller tiles; at 100 and above only tiles busier than the whole image "
+        "split (and tiles above Max tile, always).",
         "tiles",
         1.0,
         200.0,
@@ -126,7 +127,8 @@ PARAMETERS: tuple[Param, ...] = (
         "overlap",
         "Overlap",
         64,
-        "Pixels each tile's model window reaches into its neighbours, blended across.",
+        "Pixels each tile's model window reaches into its neighbours, blended across "
+        "(at most a quarter of the tile's shorter side, so small tiles stay cheap).",
         "tiles",
         0,
         512,
