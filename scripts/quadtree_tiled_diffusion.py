@@ -7,7 +7,6 @@ import sys
 import traceback
 
 import gradio as gr
-
 from modules import script_callbacks, scripts
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,7 +42,7 @@ class Script(scripts.Script):
             "txt2img_height",
         ):
             self.on_after_component(
-                lambda c, elem_id=elem_id: self.sources.update({elem_id: c}), elem_id=elem_id
+                lambda on, elem_id=elem_id: self.sources.update({elem_id: on.component}), elem_id=elem_id
             )
 
     def title(self):

@@ -6,6 +6,7 @@ hooking the denoiser live in a1111.py and forge.py.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,10 @@ from ..settings import Settings, SettingsError
 from . import a1111, forge
 
 TITLE = "Quadtree Tiled Diffusion"
+NO_ORIGINAL_NOTE = (
+    f"{TITLE}: skip and variable denoise need an init image (img2img) or the hires-fix pass; "
+    "this pass denoises every tile."
+)
 
 
 class Job:
@@ -50,24 +55,23 @@ class Job:
         """Install the tiled denoiser for the sampling pass about to start (`x`: its latent)."""
         latent_size = tuple(x.shape[-2:])
         hires = bool(getattr(p, "is_hr_pass", False))
+        has_original = self.img2img or hires
         if self.plan is None or self.plan.latent_size != latent_size or hires:
-            # txt2img: the hires pass starts from the upscaled first pass; the first pass has
-            # no picture yet, so it gets an even grid of the largest tiles.
-            image = latent_as_image(x[0]) if hires else np.zeros((*latent_size, 3), dtype=np.uint8)
-            self.plan = build_plan(image, self.settings, latent_size)
+            # txt2img: the hires pass starts from the upscaled first pass. A first pass has no
+            # picture yet: an even grid of the largest tiles, all denoised from the start.
+            if hires:
+                self.plan = build_plan(latent_as_image(x[0]), self.settings, latent_size)
+            else:
+                plain = dataclasses.replace(self.settings, skip_below=0, variable_denoise=False)
+                self.plan = build_plan(np.zeros((*latent_size, 3), dtype=np.uint8), plain, latent_size)
             self.pasting = []
-        if not (self.img2img or hires) and self.plan.uses_original:
-            _note(
-                p,
-                "Quadtree Tiled Diffusion: skip and variable denoise need an init image (img2img) "
-                "or the hires-fix pass; this pass denoises every tile.",
-            )
+        wanted = self.settings.skip_below > 0 or self.settings.variable_denoise
+        if not has_original and wanted and not getattr(p, "enable_hr", False):
+            _note(p, NO_ORIGINAL_NOTE)
         callbacks = {"progress": _progress, "on_note": lambda note: _note(p, note)}
         self.finish()  # the previous pass's hook (Forge also calls this twice before a hires pass)
         if _is_forge(p):
-            self.hooks.append(
-                forge.install(p, self.plan, x if (self.img2img or hires) else None, **callbacks)
-            )
+            self.hooks.append(forge.install(p, self.plan, x if has_original else None, **callbacks))
         else:
             self.hooks.append(a1111.SamplerHook(p.sampler, self.plan, **callbacks).install())
 
@@ -112,8 +116,12 @@ class RejectedJob:
 
 def start(p: Any, args: tuple) -> Job | RejectedJob | None:
     """The job for these script args, or None when the extension is off."""
+    args = list(args)
+    if args and isinstance(args[0], dict):
+        # Named API args: the WebUI pads the one-dict list with the UI's defaults.
+        args = args[:1]
     try:
-        settings = Settings.from_args(list(args))
+        settings = Settings.from_args(args)
     except SettingsError as error:
         return RejectedJob(error)
     return Job(settings, p) if settings.enabled else None
@@ -135,7 +143,7 @@ def _resized_init_image(p: Any, image: Image.Image) -> Image.Image:
 
 def _note(p: Any, text: str) -> None:
     """A message the user sees under the result (and in the console)."""
-    print(text)
+    print(text, flush=True)
     if hasattr(p, "comment"):
         p.comment(text)
 
