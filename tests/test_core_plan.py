@@ -241,3 +241,12 @@ def test_variable_denoise_with_every_tile_skipped_has_no_active_strength():
     plan = td.build_plan(noise_image(256, 256), settings, latent_size=(32, 32), sigmas=karras(10))
     assert all(leaf.skipped and leaf.strength == 0 for leaf in plan.leaves)
     assert plan.max_strength == 0
+
+
+def test_overlap_is_capped_at_a_quarter_of_the_tile():
+    plan = td.build_plan(noise_image(1024, 1024), td.Settings(min_tile=64, overlap=256), latent_size=(128, 128))
+    small = [w for w in plan.windows if min(plan.leaves[w.leaf].w, plan.leaves[w.leaf].h) == 8]
+    assert small, "the noise image splits down to 64 px tiles"
+    for window in small:
+        leaf = plan.leaves[window.leaf]
+        assert (window.w, window.h) == (min(leaf.w + 4, 128), min(leaf.h + 4, 128))

@@ -298,3 +298,10 @@ def test_keep_pixels_pastes_the_init_image_into_skipped_tiles(init_image):
     pp = SimpleNamespace(image=decoded)
     latent_job.postprocess_image(p, pp)
     assert pp.image is decoded
+
+
+def test_named_api_args_arrive_padded_with_ui_defaults(init_image):
+    # The WebUI copies the request's one-dict list over the UI defaults (seen in A1111 and Forge).
+    padded = [{"enabled": True, "skip_below": 64}] + td.Settings().as_args()[1:]
+    job = webui.start(fake.processing([init_image], W, H, 1), padded)
+    assert job.settings == td.Settings(enabled=True, skip_below=64)

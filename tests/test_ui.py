@@ -1,0 +1,318 @@
+"""The WebUI controls: generated from PARAMETERS, and working in a real browser on both gradio stacks.
+
+The browser tests run tests/ui_app.py in .venv-gradio3 (A1111's gradio 3.41.2) and
+.venv-gradio4 (Forge's gradio 4.40.0), made by .ci/setup-ui, and drive headless Chromium
+with playwright. Without those pieces they skip, except under CI, where they fail.
+Set UPDATE_SCREENSHOT=1 to rewrite docs/ui.png from the gradio 3 page.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tiled_diffusion.preview import DEFAULT_IMAGE, load_image
+from tiled_diffusion.settings import PARAMETERS, PARAMETERS_BY_NAME
+from tiled_diffusion.ui import ROWS, preview_tiles, tooltips_js
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-extensions",
+]
+STACKS = {"gradio3": "3.41.2", "gradio4": "4.40.0"}
+WAIT_S = 60
+
+
+def defaults() -> list:
+    return [p.default for p in PARAMETERS]
+
+
+def with_values(**changes) -> list:
+    return [changes.get(p.name, p.default) for p in PARAMETERS]
+
+
+# --- without a browser ---------------------------------------------------------------------
+
+
+def test_tooltips_file_equals_generated_from_settings():
+    committed = (REPO / "javascript" / "quadtree_tiled_diffusion.js").read_text(encoding="utf-8")
+    assert committed == tooltips_js(), (
+        "javascript/quadtree_tiled_diffusion.js is stale: rewrite it with "
+        "python -c 'from tiled_diffusion.ui import tooltips_js; print(tooltips_js(), end=\"\")' "
+        "> javascript/quadtree_tiled_diffusion.js"
+    )
+
+
+def test_layout_places_every_parameter_once_in_its_group():
+    placed = [(group, name) for group, rows in ROWS.items() for row in rows for name in row]
+    assert sorted(name for _, name in placed) == sorted(p.name for p in PARAMETERS if p.name != "enabled")
+    for group, name in placed:
+        assert PARAMETERS_BY_NAME[name].group == group, name
+
+
+def test_preview_without_image_asks_for_one():
+    picture, summary = preview_tiles(None, 512, 512, *defaults())
+    assert picture is None
+    assert "Load an init image first" in summary
+
+
+def test_preview_settings_error_names_the_parameter():
+    picture, summary = preview_tiles(load_image(), 512, 512, *with_values(min_tile=512, max_tile=512))
+    assert picture is None
+    assert "max\\_tile" in summary  # escaped for Markdown, shown as max_tile
+
+
+def test_preview_draws_at_job_size_rounded_down_to_latent_grid():
+    picture, summary = preview_tiles(load_image(), 515, 300, *defaults())
+    assert picture.width == 512 and picture.height > 296  # the legend strip lies below
+    assert "tiles" in summary
+
+
+def test_preview_takes_image_size_when_host_has_no_size_controls():
+    image = np.full((200, 333, 4), 90, dtype=np.uint8)  # RGBA array, as some hosts hand over
+    picture, _ = preview_tiles(image, None, None, *defaults())
+    assert picture.width == 328
+
+
+def test_preview_variable_denoise_gets_start_sigmas_from_a_schedule():
+    values = with_values(variable_denoise=True, min_tile=64, max_tile=256)
+    picture, summary = preview_tiles(load_image(), 512, 512, *values)
+    assert picture is not None and "tiles" in summary
+    assert "no sampler schedule" not in summary
+
+
+# --- in a real browser -----------------------------------------------------------------------
+
+
+def need(ok: bool, reason: str) -> None:
+    """Skip without the piece on a developer's machine; fail under CI, where setup installs it."""
+    if not ok:
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (CI must have it: .ci/setup-ui installs it)")
+        pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(stack: str, log: Path, *flags: str):
+    """tests/ui_app.py served by one gradio stack; yields its URL, stops it on exit."""
+    python = REPO / f".venv-{stack}" / "bin" / "python"
+    need(python.exists(), f"{python.parent.parent.name} is missing: run .ci/setup-ui")
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(python), str(REPO / "tests" / "ui_app.py"), str(port), *flags],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while "ready on" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"{stack} app did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        with urllib.request.urlopen(url, timeout=WAIT_S) as response:
+            assert response.status == 200
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture(scope="module", params=list(STACKS))
+def app(request, tmp_path_factory):
+    """The test page served by each gradio stack in turn: (stack name, URL)."""
+    stack = request.param
+    with serve(stack, tmp_path_factory.mktemp(stack) / "app.log") as url:
+        yield stack, url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    need(CHROMIUM.exists(), f"{CHROMIUM} is missing: run .ci/setup-ui")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        need(False, "playwright is not installed in this venv (requirements-dev.txt)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def new_page(browser, url: str):
+    """A fresh page (own context) of the URL, every request off 127.0.0.1 aborted."""
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(WAIT_S * 1000)
+    page.route(
+        "**/*",
+        lambda route: (
+            route.continue_() if route.request.url.startswith("http://127.0.0.1:") else route.abort()
+        ),
+    )
+    page.goto(url)
+    page.locator("#quadtree-td").wait_for()
+    return page
+
+
+@pytest.fixture
+def page(app, browser):
+    """A fresh page of the test page, the accordion closed."""
+    stack, url = app
+    page = new_page(browser, url)
+    page.stack = stack
+    yield page
+    page.context.close()
+
+
+def open_accordion(page) -> None:
+    if not page.locator("#quadtree-td-enabled").is_visible():
+        page.locator("#quadtree-td .label-wrap").first.click()
+    page.locator("#quadtree-td-enabled").wait_for(state="visible")
+
+
+def upload_init_image(page) -> None:
+    page.locator("#img2img_image input[type=file]").set_input_files(str(DEFAULT_IMAGE))
+    page.locator("#img2img_image img").first.wait_for(state="visible")
+
+
+def set_number(page, name: str, value: float) -> None:
+    field = page.locator(f"#quadtree-td-{name} input[type=number]")
+    field.fill(str(value))
+    field.press("Enter")
+
+
+def click_preview(page) -> str:
+    """Click Preview tiles and return the summary text once it changes."""
+    summary = page.locator("#quadtree-td-summary [data-testid=markdown]").first  # not the progress text
+    before = summary.inner_text()
+    page.locator("#quadtree-td-preview").click()
+    deadline = time.monotonic() + WAIT_S
+    while summary.inner_text() == before:
+        assert time.monotonic() < deadline, "the summary did not change after Preview tiles"
+        time.sleep(0.1)
+    return summary.inner_text()
+
+
+def test_page_has_every_control(page):
+    for name in ["", "-preview", "-summary", "-preview-image"] + [f"-{p.name}" for p in PARAMETERS]:
+        # gradio 3 repeats a Markdown's id on its inner div, so count at least one
+        assert page.locator(f"#quadtree-td{name}").count() >= 1, f"quadtree-td{name} is missing"
+
+
+def test_accordion_opens_and_closes_and_enabled_toggles(page):
+    enabled = page.locator("#quadtree-td-enabled")
+    header = page.locator("#quadtree-td .label-wrap").first
+    assert not enabled.is_visible()
+    header.click()
+    enabled.wait_for(state="visible")
+    header.click()
+    enabled.wait_for(state="hidden")
+    header.click()
+    box = enabled.locator("input[type=checkbox]")
+    assert not box.is_checked()
+    box.click()
+    assert box.is_checked()
+    box.click()
+    assert not box.is_checked()
+
+
+def test_sliders_carry_the_range_step_and_default_of_their_parameter(page):
+    open_accordion(page)
+    for p in PARAMETERS:
+        if p.choices or p.kind is bool:
+            continue
+        for kind in ("number", "range"):
+            field = page.locator(f"#quadtree-td-{p.name} input[type={kind}]")
+            got = [float(field.get_attribute(a)) for a in ("min", "max", "step")]
+            assert got == [p.minimum, p.maximum, p.step], (p.name, kind)
+            assert float(field.input_value()) == p.default, (p.name, kind)
+
+
+def test_radios_offer_the_choices_of_their_parameter(page):
+    open_accordion(page)
+    for p in PARAMETERS:
+        if p.choices:
+            radio = page.locator(f"#quadtree-td-{p.name}")
+            assert radio.locator("input[type=radio]").count() == len(p.choices)
+            for choice in p.choices:
+                assert radio.get_by_label(choice, exact=True).count() == 1, (p.name, choice)
+            assert radio.get_by_label(p.default, exact=True).is_checked()
+
+
+def test_every_control_has_its_help_as_tooltip(page):
+    for p in PARAMETERS:
+        assert page.locator(f"#quadtree-td-{p.name}").get_attribute("title") == p.help, p.name
+
+
+def test_preview_without_image_says_load_one(page):
+    open_accordion(page)
+    assert "Load an init image first" in click_preview(page)
+
+
+def test_preview_shows_the_tiles_of_the_init_image(page):
+    upload_init_image(page)
+    open_accordion(page)
+    text = click_preview(page)
+    assert "tiles" in text and "skipped 0%" in text and "error" not in text.lower(), text
+    page.locator("#quadtree-td-preview-image img").first.wait_for(state="visible")
+    # the values the user sets reach the preview: 64 px tiles, skip them, vary the strength
+    set_number(page, "min_tile", 64)
+    set_number(page, "skip_below", 65)
+    page.locator("#quadtree-td-variable_denoise input[type=checkbox]").check()
+    text = click_preview(page)
+    assert "64x64" in text and "skipped 0%" not in text, text
+    if page.stack == "gradio3" and os.environ.get("UPDATE_SCREENSHOT"):
+        page.screenshot(path=str(REPO / "docs" / "ui.png"), full_page=True)
+
+
+def test_bad_tile_sizes_show_the_settings_error(page):
+    upload_init_image(page)
+    open_accordion(page)
+    set_number(page, "min_tile", 512)
+    set_number(page, "max_tile", 512)
+    text = click_preview(page)
+    assert "Settings error" in text and "max_tile" in text, text
+
+
+@pytest.mark.parametrize("stack", list(STACKS))
+def test_controls_work_inside_the_webui_input_accordion(stack, browser, tmp_path):
+    with serve(stack, tmp_path / "app.log", "--input-accordion") as url:
+        page = new_page(browser, url)
+        assert page.locator("#quadtree-td-enabled").count() == 0  # the accordion is the checkbox
+        upload_init_image(page)
+        page.locator("#quadtree-td .label-wrap").first.click()
+        page.locator("#quadtree-td-method").wait_for(state="visible")
+        assert "tiles" in click_preview(page)
+        page.context.close()
