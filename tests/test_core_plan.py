@@ -244,7 +244,8 @@ def test_variable_denoise_with_every_tile_skipped_has_no_active_strength():
 
 
 def test_overlap_is_capped_at_a_quarter_of_the_tile():
-    plan = td.build_plan(noise_image(1024, 1024), td.Settings(min_tile=64, overlap=256), latent_size=(128, 128))
+    settings = td.Settings(min_tile=64, overlap=256)
+    plan = td.build_plan(noise_image(1024, 1024), settings, latent_size=(128, 128))
     small = [w for w in plan.windows if min(plan.leaves[w.leaf].w, plan.leaves[w.leaf].h) == 8]
     assert small, "the noise image splits down to 64 px tiles"
     for window in small:

@@ -9,6 +9,7 @@ Set UPDATE_SCREENSHOT=1 to rewrite docs/ui.png from the gradio 3 page.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tiled_diffusion.preview import DEFAULT_IMAGE, load_image
 from tiled_diffusion.settings import PARAMETERS, PARAMETERS_BY_NAME
@@ -67,8 +69,9 @@ def test_layout_places_every_parameter_once_in_its_group():
         assert PARAMETERS_BY_NAME[name].group == group, name
 
 
-def test_preview_without_image_asks_for_one():
-    picture, summary = preview_tiles(None, 512, 512, *defaults())
+@pytest.mark.parametrize("image", [None, "<div>a host's HTML canvas</div>"])
+def test_preview_without_image_asks_for_one(image):
+    picture, summary = preview_tiles(image, 512, 512, *defaults())
     assert picture is None
     assert "Load an init image first" in summary
 
@@ -77,6 +80,11 @@ def test_preview_settings_error_names_the_parameter():
     picture, summary = preview_tiles(load_image(), 512, 512, *with_values(min_tile=512, max_tile=512))
     assert picture is None
     assert "max\\_tile" in summary  # escaped for Markdown, shown as max_tile
+
+
+def test_preview_unreadable_image_is_a_message():
+    picture, summary = preview_tiles(np.zeros((0, 8, 3), np.uint8), 512, 512, *defaults())
+    assert picture is None and "Image error" in summary
 
 
 def test_preview_draws_at_job_size_rounded_down_to_latent_grid():
@@ -294,7 +302,9 @@ def test_preview_shows_the_tiles_of_the_init_image(page):
     text = click_preview(page)
     assert "64x64" in text and "skipped 0%" not in text, text
     if page.stack == "gradio3" and os.environ.get("UPDATE_SCREENSHOT"):
-        page.screenshot(path=str(REPO / "docs" / "ui.png"), full_page=True)
+        shot = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
+        shot = shot.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+        shot.save(REPO / "docs" / "ui.png", optimize=True)  # 256 colours: a third of the bytes
 
 
 def test_bad_tile_sizes_show_the_settings_error(page):

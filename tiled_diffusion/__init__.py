@@ -5,6 +5,13 @@ from .plan import Leaf, Plan, Window, build_plan
 from .settings import PARAMETERS, Param, Settings, SettingsError
 
 __all__ = [
-    "PARAMETERS", "Leaf", "Param", "Plan", "Settings", "SettingsError",
-    "TiledDenoiser", "Window", "build_plan",
+    "PARAMETERS",
+    "Leaf",
+    "Param",
+    "Plan",
+    "Settings",
+    "SettingsError",
+    "TiledDenoiser",
+    "Window",
+    "build_plan",
 ]

@@ -6,18 +6,9 @@ import argparse
 import json
 import sys
 
-import torch
-
 import tiled_diffusion as td
 
-from .preview import DEFAULT_IMAGE, draw_plan, load_image
-
-
-def karras_sigmas(steps: int, sigma_min: float = 0.0292, sigma_max: float = 14.6146, rho: float = 7.0):
-    """The Karras et al. schedule of `steps` sigmas plus a final 0 (SD1.5's sigma range)."""
-    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return torch.cat([(hi + ramp * (lo - hi)) ** rho, torch.zeros(1, dtype=torch.float64)])
+from .preview import DEFAULT_IMAGE, draw_plan, karras_sigmas, load_image
 
 
 def output_size(image_size: tuple[int, int], width: int | None, height: int | None) -> tuple[int, int]:

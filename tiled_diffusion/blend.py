@@ -62,5 +62,6 @@ def paste_kept_pixels(decoded: Image.Image, original: Image.Image, plan) -> Imag
     mask = torch.nn.functional.interpolate(
         share[None, None], scale_factor=LATENT_SCALE, mode="bilinear", align_corners=False
     )[0, 0]
-    mask = Image.fromarray(np.uint8(mask.clamp(0, 1).numpy() * 255 + 0.5)).resize(size, Image.Resampling.BILINEAR)
+    mask = Image.fromarray(np.uint8(mask.clamp(0, 1).numpy() * 255 + 0.5))
+    mask = mask.resize(size, Image.Resampling.BILINEAR)
     return Image.composite(original.convert(decoded.mode).resize(size), decoded, mask)

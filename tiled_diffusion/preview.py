@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .plan import Plan
@@ -15,6 +16,13 @@ DEFAULT_IMAGE = Path(__file__).parent / "data" / "astronaut.jpg"
 # them mixes to grey and the common 0.3..0.7 range spans three distinct hues.
 RAMP = ((40, 80, 255), (0, 190, 170), (250, 190, 0), (240, 40, 30))
 NEUTRAL = (255, 255, 255, 40)  # veil over active tiles when variable denoise is off
+
+
+def karras_sigmas(steps: int, sigma_min: float = 0.0292, sigma_max: float = 14.6146, rho: float = 7.0):
+    """A nominal schedule for previews: Karras et al.'s, `steps` sigmas plus a final 0 (SD1.5's range)."""
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return torch.cat([(hi + ramp * (lo - hi)) ** rho, torch.zeros(1, dtype=torch.float64)])
 
 
 def load_image(path: str | Path | None = None) -> Image.Image:

@@ -144,7 +144,9 @@ def latent_as_image(latent) -> np.ndarray:
     first three channels of SD-family latents carry most of the luminance and colour, and
     the threshold is relative to the whole picture, so their own scale does not matter.
     """
-    channels = np.asarray(latent.detach().float().cpu() if hasattr(latent, "detach") else latent, dtype=np.float64)
+    if hasattr(latent, "detach"):
+        latent = latent.detach().float().cpu()
+    channels = np.asarray(latent, dtype=np.float64)
     if channels.ndim != 3 or channels.shape[0] < 3:
         raise ValueError(f"latent: expected [C, H, W] with C >= 3, got shape {channels.shape}")
     rgb = channels[:3].transpose(1, 2, 0)

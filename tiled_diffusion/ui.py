@@ -1,0 +1,160 @@
+"""The WebUI controls, generated from `settings.PARAMETERS`, and the tiles preview.
+
+Host-agnostic: gradio comes in as the `gr` argument, so the same code builds under
+A1111's gradio 3.41 and Forge's gradio 4.40, and nothing here imports the WebUI.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from .plan import build_plan
+from .preview import draw_plan, karras_sigmas
+from .quadtree import LATENT_SCALE, to_rgb_array
+from .settings import PARAMETERS, PARAMETERS_BY_NAME, Settings, SettingsError
+
+TITLE = "Quadtree Tiled Diffusion"
+ELEM_ID = "quadtree-td"
+PREVIEW_STEPS = 20  # steps of the Karras schedule that sets the tiles' start sigmas in the preview
+
+# Rows of controls, group by group; every parameter but "enabled" appears exactly once.
+ROWS = {
+    "tiles": (("method", "tile_batch"), ("detail_threshold",), ("min_tile", "max_tile", "overlap")),
+    "skip": (("skip_below", "skip_mode"),),
+    "variable denoise": (("variable_denoise",), ("denoise_largest", "denoise_smallest")),
+}
+NOTES = {
+    "variable denoise": "Replaces the img2img denoising strength: "
+    "the job runs at the larger of the two values.",
+}
+
+
+def elem_id(name: str) -> str:
+    return f"{ELEM_ID}-{name}"
+
+
+def build_ui(gr, *, accordion=None, init_image=None, width=None, height=None) -> list:
+    """Build the controls inside the current gradio Blocks; return them in PARAMETERS order.
+
+    accordion: the WebUI's InputAccordion class (A1111 1.7+, Forge), whose accordion is the
+        enabled checkbox itself; None builds a plain gr.Accordion with a checkbox inside.
+    init_image, width, height: the host's components the preview reads, where they exist.
+    """
+    controls = {}
+    if accordion is not None:
+        box = accordion(False, label=TITLE, elem_id=ELEM_ID)
+    else:
+        box = gr.Accordion(TITLE, open=False, elem_id=ELEM_ID)
+    with box:
+        controls["enabled"] = box if accordion is not None else _control(gr, PARAMETERS_BY_NAME["enabled"])
+        for group, rows in ROWS.items():
+            with gr.Group():
+                for row in rows:
+                    with gr.Row():
+                        for name in row:
+                            controls[name] = _control(gr, PARAMETERS_BY_NAME[name])
+            if group in NOTES:
+                gr.Markdown(NOTES[group], elem_id=elem_id(group.replace(" ", "_") + "-note"))
+        with gr.Row():
+            button = gr.Button("Preview tiles", elem_id=elem_id("preview"))
+        summary = gr.Markdown("", elem_id=elem_id("summary"))
+        picture = gr.Image(type="pil", interactive=False, show_label=False, elem_id=elem_id("preview-image"))
+    components = [controls[p.name] for p in PARAMETERS]
+    extras = {"image": init_image, "width": width, "height": height}
+    given = [key for key, component in extras.items() if component is not None]
+
+    def on_preview(*args):
+        known = dict(zip(given, args))
+        return preview_tiles(known.get("image"), known.get("width"), known.get("height"), *args[len(given) :])
+
+    button.click(on_preview, inputs=[extras[key] for key in given] + components, outputs=[picture, summary])
+    return components
+
+
+def _control(gr, p):
+    """The gradio control of one parameter: slider, radio or checkbox."""
+    if p.choices:
+        return gr.Radio(list(p.choices), value=p.default, label=p.label, elem_id=elem_id(p.name))
+    if p.kind is bool:
+        return gr.Checkbox(value=p.default, label=p.label, elem_id=elem_id(p.name))
+    return gr.Slider(
+        minimum=p.minimum,
+        maximum=p.maximum,
+        step=p.step,
+        value=p.default,
+        label=p.label,
+        elem_id=elem_id(p.name),
+    )
+
+
+def preview_tiles(image, width, height, *values) -> tuple[Image.Image | None, str]:
+    """The plan drawn over the image at the job's size, and its summary.
+
+    values: the controls' values in PARAMETERS order. A missing or unreadable image and a
+    settings error come back as a message, never as an exception.
+    """
+    if not isinstance(image, (Image.Image, np.ndarray)):  # None, or a host component that is no image
+        return None, "Load an init image first."
+    try:
+        settings = Settings(**dict(zip((p.name for p in PARAMETERS), values)))
+        image = Image.fromarray(to_rgb_array(image))
+    except SettingsError as error:
+        return None, _escape(f"Settings error: {error}")
+    except ValueError as error:  # an image the plan cannot read: empty, NaN, an odd shape
+        return None, _escape(f"Image error: {error}")
+    width, height = (_job_side(side or own) for side, own in ((width, image.width), (height, image.height)))
+    image = image.resize((width, height), Image.Resampling.LANCZOS)  # "Just resize", as the job does
+    sigmas = karras_sigmas(PREVIEW_STEPS) if settings.variable_denoise else None
+    plan = build_plan(image, settings, (height // LATENT_SCALE, width // LATENT_SCALE), sigmas)
+    return draw_plan(image, plan), _escape(plan.summary())
+
+
+def _job_side(px) -> int:
+    """A side of the job in px: rounded down to the latent grid, at least one latent pixel."""
+    return max(LATENT_SCALE, int(px) // LATENT_SCALE * LATENT_SCALE)
+
+
+def _escape(text: str) -> str:
+    """Markdown-safe text: parameter names such as max_tile keep their underscores."""
+    return text.replace("_", "\\_").replace("*", "\\*")
+
+
+def tooltips_js() -> str:
+    """The content of javascript/quadtree_tiled_diffusion.js: every control's help as its tooltip."""
+    help_text = json.dumps({p.name: p.help for p in PARAMETERS}, indent=4, ensure_ascii=False)
+    help_text = help_text.replace("\n", "\n    ")
+    return f"""\
+// Tooltips of Quadtree Tiled Diffusion: each control's title is its help text.
+// Generated by tiled_diffusion.ui.tooltips_js() from tiled_diffusion/settings.py;
+// do not edit by hand (tests/test_ui.py checks that the two agree).
+(function () {{
+    const help = {help_text};
+
+    function addTooltips() {{
+        const root = typeof gradioApp === "function" ? gradioApp() : document;
+        for (const [name, text] of Object.entries(help)) {{
+            const ids = ["{ELEM_ID}-" + name];
+            if (name === "enabled") {{
+                ids.push("{ELEM_ID}-visible-checkbox"); // the WebUI's InputAccordion checkbox
+            }}
+            for (const id of ids) {{
+                // The script's controls exist once per tab (txt2img, img2img): set them all.
+                root.querySelectorAll('[id="' + id + '"]').forEach((el) => {{
+                    el.title = text;
+                }});
+            }}
+        }}
+    }}
+
+    if (typeof onUiLoaded === "function") {{
+        onUiLoaded(addTooltips);
+    }} else if (document.readyState === "loading") {{
+        document.addEventListener("DOMContentLoaded", addTooltips);
+    }} else {{
+        addTooltips();
+    }}
+}})();
+"""
