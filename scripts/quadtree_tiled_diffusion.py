@@ -45,6 +45,13 @@ class Script(scripts.Script):
                 lambda on, elem_id=elem_id: self.sources.update({elem_id: on.component}), elem_id=elem_id
             )
 
+    def after_component(self, component, **kwargs):
+        # Forge's img2img image is a ForgeCanvas: "img2img_image" names its HTML block, and the
+        # picture lives in the canvas's background Image (the first one made: the img2img tab's).
+        classes = kwargs.get("elem_classes") or []
+        if "logical_image_background" in classes and "forge_init_image" not in self.sources:
+            self.sources["forge_init_image"] = component
+
     def title(self):
         return TITLE
 
@@ -59,7 +66,9 @@ class Script(scripts.Script):
         components = build_ui(
             gr,
             accordion=InputAccordion,
-            init_image=self.sources.get("img2img_image") if is_img2img else None,
+            init_image=self.sources.get("forge_init_image", self.sources.get("img2img_image"))
+            if is_img2img
+            else None,
             width=self.sources.get(f"{tab}_width"),
             height=self.sources.get(f"{tab}_height"),
         )

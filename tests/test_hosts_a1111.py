@@ -139,10 +139,15 @@ def test_variable_denoise_runs_the_job_at_the_largest_strength_and_each_tile_at_
             original,
             noise,
         )
-        for leaf in job.plan.leaves:
-            if leaf.strength == strength:
-                region = (..., slice(leaf.y, leaf.y + leaf.h), slice(leaf.x, leaf.x + leaf.w))
-                torch.testing.assert_close(out[region], alone[region], atol=1e-4, rtol=1e-4)
+        assert_tiles_of_strength_match(job.plan, strength, out, alone)
+
+
+def assert_tiles_of_strength_match(plan: td.Plan, strength: float, out: torch.Tensor, alone: torch.Tensor):
+    """Every tile of this strength equals the standalone img2img at that strength."""
+    for leaf in plan.leaves:
+        if leaf.strength == strength:
+            region = (..., slice(leaf.y, leaf.y + leaf.h), slice(leaf.x, leaf.x + leaf.w))
+            torch.testing.assert_close(out[region], alone[region], atol=1e-4, rtol=1e-4)
 
 
 def test_timestep_sampler_tiles_in_x0_space(state, init_image):

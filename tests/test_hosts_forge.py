@@ -18,7 +18,7 @@ import tiled_diffusion as td
 from tiled_diffusion.hosts import webui
 
 from . import fake_a1111 as fake
-from .test_hosts_a1111 import H, W, args, latents, skipped_mask
+from .test_hosts_a1111 import H, W, args, assert_tiles_of_strength_match, latents, skipped_mask
 
 COND, UNCOND = 0, 1
 
@@ -181,10 +181,7 @@ def test_forge_variable_denoise_tiles_start_at_their_own_strength(k_diffusion, i
     for strength in {leaf.strength for leaf in job.plan.leaves}:
         single = forge_processing(k_diffusion, init_image, denoising_strength=strength)
         alone, _ = run_forge(single, [False], original, noise)
-        for leaf in job.plan.leaves:
-            if leaf.strength == strength:
-                region = (..., slice(leaf.y, leaf.y + leaf.h), slice(leaf.x, leaf.x + leaf.w))
-                torch.testing.assert_close(out[region], alone[region], atol=1e-4, rtol=1e-4)
+        assert_tiles_of_strength_match(job.plan, strength, out, alone)
 
 
 def test_forge_rejected_settings_fail_the_generation(k_diffusion, init_image):
