@@ -137,6 +137,10 @@ def test_variable_denoise_gives_tiles_start_sigmas(tmp_path, capsys):
     by_strength = sorted(leaves, key=lambda leaf: leaf["strength"])  # stronger tiles start earlier
     assert all(a["start_sigma"] <= b["start_sigma"] for a, b in zip(by_strength, by_strength[1:]))
     assert "note" not in capsys.readouterr().out  # the schedule was given: no "start sigmas unknown"
+    assert not any(leaf["starts_with_job"] for leaf in leaves)
+    main(["preview", "-o", str(tmp_path / "q.png"), "--json", str(plan_file)])
+    plain = json.loads(plan_file.read_text())["leaves"]
+    assert all(leaf["starts_with_job"] and leaf["start_sigma"] is None for leaf in plain)
 
 
 def test_preview_help_lists_every_parameter(capsys):

@@ -97,6 +97,8 @@ class Plan:
                 "h": leaf.h,
                 "strength": leaf.strength,
                 "skipped": leaf.skipped,
+                # JSON has no infinity: a tile that starts with the job says so instead.
+                "starts_with_job": start is not None and math.isinf(start),
                 "start_sigma": None if start is None or math.isinf(start) else start,
                 "detail": round(leaf.detail, 3),
             }

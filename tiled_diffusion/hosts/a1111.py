@@ -86,8 +86,9 @@ class SamplerHook:
         step_x = self.step_x
         if step_x is None or step_x.shape[0] != images or step_x.shape[1:] != x.shape[1:]:
             return torch.arange(x.shape[0], device=x.device) % images
-        distance = (x.flatten(1)[:, None, :].float() - step_x.flatten(1)[None, :, :].float()).abs().amax(-1)
-        return distance.argmin(dim=1)
+        rows = x.flatten(1).float()
+        distance = torch.stack([(rows - image.flatten().float()).abs().amax(1) for image in step_x], dim=1)
+        return distance.argmin(dim=1)  # [rows]: nearest image (copies match exactly)
 
     def _alphas(self) -> torch.Tensor:
         return self.inner.inner_model.alphas_cumprod
