@@ -19,16 +19,18 @@
 
     function addTooltips() {
         const root = typeof gradioApp === "function" ? gradioApp() : document;
-        for (const [name, text] of Object.entries(help)) {
-            const ids = ["quadtree-td-" + name];
-            if (name === "enabled") {
-                ids.push("quadtree-td-visible-checkbox"); // the WebUI's InputAccordion checkbox
-            }
-            for (const id of ids) {
-                // The script's controls exist once per tab (txt2img, img2img): set them all.
-                root.querySelectorAll('[id="' + id + '"]').forEach((el) => {
-                    el.title = text;
-                });
+        for (const tab of ["txt2img", "img2img"]) {
+            for (const [name, text] of Object.entries(help)) {
+                const ids = ["quadtree-td-" + tab + "-" + name];
+                if (name === "enabled") {
+                    ids.push("quadtree-td-" + tab + "-visible-checkbox"); // the WebUI's InputAccordion checkbox
+                }
+                for (const id of ids) {
+                    // gradio 3 repeats some ids on inner elements: set every match.
+                    root.querySelectorAll('[id="' + id + '"]').forEach((el) => {
+                        el.title = text;
+                    });
+                }
             }
         }
     }

@@ -65,6 +65,7 @@ class Script(scripts.Script):
         tab = "img2img" if is_img2img else "txt2img"
         components = build_ui(
             gr,
+            tab=tab,
             accordion=InputAccordion,
             init_image=self.sources.get("forge_init_image", self.sources.get("img2img_image"))
             if is_img2img

@@ -190,7 +190,7 @@ def new_page(browser, url: str):
         ),
     )
     page.goto(url)
-    page.locator("#quadtree-td").wait_for()
+    page.locator("#quadtree-td-img2img").wait_for()
     return page
 
 
@@ -205,9 +205,9 @@ def page(app, browser):
 
 
 def open_accordion(page) -> None:
-    if not page.locator("#quadtree-td-enabled").is_visible():
-        page.locator("#quadtree-td .label-wrap").first.click()
-    page.locator("#quadtree-td-enabled").wait_for(state="visible")
+    if not page.locator("#quadtree-td-img2img-enabled").is_visible():
+        page.locator("#quadtree-td-img2img .label-wrap").first.click()
+    page.locator("#quadtree-td-img2img-enabled").wait_for(state="visible")
 
 
 def upload_init_image(page) -> None:
@@ -216,16 +216,18 @@ def upload_init_image(page) -> None:
 
 
 def set_number(page, name: str, value: float) -> None:
-    field = page.locator(f"#quadtree-td-{name} input[type=number]")
+    field = page.locator(f"#quadtree-td-img2img-{name} input[type=number]")
     field.fill(str(value))
     field.press("Enter")
 
 
 def click_preview(page) -> str:
     """Click Preview tiles and return the summary text once it changes."""
-    summary = page.locator("#quadtree-td-summary [data-testid=markdown]").first  # not the progress text
+    summary = page.locator(
+        "#quadtree-td-img2img-summary [data-testid=markdown]"
+    ).first  # not the progress text
     before = summary.inner_text()
-    page.locator("#quadtree-td-preview").click()
+    page.locator("#quadtree-td-img2img-preview").click()
     deadline = time.monotonic() + WAIT_S
     while summary.inner_text() == before:
         assert time.monotonic() < deadline, "the summary did not change after Preview tiles"
@@ -236,12 +238,26 @@ def click_preview(page) -> str:
 def test_page_has_every_control(page):
     for name in ["", "-preview", "-summary", "-preview-image"] + [f"-{p.name}" for p in PARAMETERS]:
         # gradio 3 repeats a Markdown's id on its inner div, so count at least one
-        assert page.locator(f"#quadtree-td{name}").count() >= 1, f"quadtree-td{name} is missing"
+        assert page.locator(f"#quadtree-td-img2img{name}").count() >= 1, (
+            f"quadtree-td-img2img{name} is missing"
+        )
+
+
+def test_element_ids_are_unique_with_the_script_in_both_tabs(page):
+    # The WebUI's accordion script finds an accordion's checkbox by id: with an id shared by
+    # the txt2img and img2img copies, the img2img switch would enable the txt2img one.
+    ids = page.evaluate(
+        """() => [...document.querySelectorAll('[id^="quadtree-td"]')]
+              .filter((el) => !el.parentElement.closest('[id="' + el.id + '"]'))
+              .map((el) => el.id)"""
+    )  # gradio 3 repeats some ids on an inner element: count the outermost only
+    assert any(i.startswith("quadtree-td-txt2img") for i in ids), "the page holds both tabs"
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
 
 
 def test_accordion_opens_and_closes_and_enabled_toggles(page):
-    enabled = page.locator("#quadtree-td-enabled")
-    header = page.locator("#quadtree-td .label-wrap").first
+    enabled = page.locator("#quadtree-td-img2img-enabled")
+    header = page.locator("#quadtree-td-img2img .label-wrap").first
     assert not enabled.is_visible()
     header.click()
     enabled.wait_for(state="visible")
@@ -262,7 +278,7 @@ def test_sliders_carry_the_range_step_and_default_of_their_parameter(page):
         if p.choices or p.kind is bool:
             continue
         for kind in ("number", "range"):
-            field = page.locator(f"#quadtree-td-{p.name} input[type={kind}]")
+            field = page.locator(f"#quadtree-td-img2img-{p.name} input[type={kind}]")
             got = [float(field.get_attribute(a)) for a in ("min", "max", "step")]
             assert got == [p.minimum, p.maximum, p.step], (p.name, kind)
             assert float(field.input_value()) == p.default, (p.name, kind)
@@ -272,7 +288,7 @@ def test_radios_offer_the_choices_of_their_parameter(page):
     open_accordion(page)
     for p in PARAMETERS:
         if p.choices:
-            radio = page.locator(f"#quadtree-td-{p.name}")
+            radio = page.locator(f"#quadtree-td-img2img-{p.name}")
             assert radio.locator("input[type=radio]").count() == len(p.choices)
             for choice in p.choices:
                 assert radio.get_by_label(choice, exact=True).count() == 1, (p.name, choice)
@@ -281,7 +297,7 @@ def test_radios_offer_the_choices_of_their_parameter(page):
 
 def test_every_control_has_its_help_as_tooltip(page):
     for p in PARAMETERS:
-        assert page.locator(f"#quadtree-td-{p.name}").get_attribute("title") == p.help, p.name
+        assert page.locator(f"#quadtree-td-img2img-{p.name}").get_attribute("title") == p.help, p.name
 
 
 def test_preview_without_image_says_load_one(page):
@@ -294,11 +310,11 @@ def test_preview_shows_the_tiles_of_the_init_image(page):
     open_accordion(page)
     text = click_preview(page)
     assert "tiles" in text and "skipped 0%" in text and "error" not in text.lower(), text
-    page.locator("#quadtree-td-preview-image img").first.wait_for(state="visible")
+    page.locator("#quadtree-td-img2img-preview-image img").first.wait_for(state="visible")
     # the values the user sets reach the preview: 64 px tiles, skip them, vary the strength
     set_number(page, "min_tile", 64)
     set_number(page, "skip_below", 65)
-    page.locator("#quadtree-td-variable_denoise input[type=checkbox]").check()
+    page.locator("#quadtree-td-img2img-variable_denoise input[type=checkbox]").check()
     text = click_preview(page)
     assert "64x64" in text and "skipped 0%" not in text, text
     if page.stack == "gradio3" and os.environ.get("UPDATE_SCREENSHOT"):
@@ -320,9 +336,9 @@ def test_bad_tile_sizes_show_the_settings_error(page):
 def test_controls_work_inside_the_webui_input_accordion(stack, browser, tmp_path):
     with serve(stack, tmp_path / "app.log", "--input-accordion") as url:
         page = new_page(browser, url)
-        assert page.locator("#quadtree-td-enabled").count() == 0  # the accordion is the checkbox
+        assert page.locator("#quadtree-td-img2img-enabled").count() == 0  # the accordion is the checkbox
         upload_init_image(page)
-        page.locator("#quadtree-td .label-wrap").first.click()
-        page.locator("#quadtree-td-method").wait_for(state="visible")
+        page.locator("#quadtree-td-img2img .label-wrap").first.click()
+        page.locator("#quadtree-td-img2img-method").wait_for(state="visible")
         assert "tiles" in click_preview(page)
         page.context.close()

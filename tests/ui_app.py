@@ -54,11 +54,17 @@ def input_accordion_class():
 def main(port: int, input_accordion: bool) -> None:
     accordion = input_accordion_class() if input_accordion else None
     with gr.Blocks(title="Quadtree Tiled Diffusion test page") as demo:
-        image = gr.Image(type="pil", label="Init image", elem_id="img2img_image")
-        with gr.Row():
-            width = gr.Slider(64, 2048, step=8, value=512, label="Width", elem_id="img2img_width")
-            height = gr.Slider(64, 2048, step=8, value=512, label="Height", elem_id="img2img_height")
-        components = build_ui(gr, accordion=accordion, init_image=image, width=width, height=height)
+        # Like the WebUI, the page holds the script twice: once per tab.
+        with gr.Tab("img2img"):
+            image = gr.Image(type="pil", label="Init image", elem_id="img2img_image")
+            with gr.Row():
+                width = gr.Slider(64, 2048, step=8, value=512, label="Width", elem_id="img2img_width")
+                height = gr.Slider(64, 2048, step=8, value=512, label="Height", elem_id="img2img_height")
+            components = build_ui(
+                gr, tab="img2img", accordion=accordion, init_image=image, width=width, height=height
+            )
+        with gr.Tab("txt2img"):
+            build_ui(gr, tab="txt2img", accordion=accordion)
         assert not input_accordion or isinstance(components[0], accordion), "enabled must be the accordion"
         script = (REPO / "javascript" / "quadtree_tiled_diffusion.js").read_text(encoding="utf-8")
         js_key = "_js" if gr.__version__.startswith("3.") else "js"  # renamed in gradio 4

@@ -17,7 +17,8 @@ from .quadtree import LATENT_SCALE, to_rgb_array
 from .settings import PARAMETERS, PARAMETERS_BY_NAME, Settings, SettingsError
 
 TITLE = "Quadtree Tiled Diffusion"
-ELEM_ID = "quadtree-td"
+ELEM_ID = "quadtree-td"  # + the tab: the WebUI builds the script once per tab on one page
+TABS = ("txt2img", "img2img")
 PREVIEW_STEPS = 20  # steps of the Karras schedule that sets the tiles' start sigmas in the preview
 
 # Rows of controls, group by group; every parameter but "enabled" appears exactly once.
@@ -32,30 +33,35 @@ NOTES = {
 }
 
 
-def elem_id(name: str) -> str:
-    return f"{ELEM_ID}-{name}"
-
-
-def build_ui(gr, *, accordion=None, init_image=None, width=None, height=None) -> list:
+def build_ui(gr, *, tab: str = "img2img", accordion=None, init_image=None, width=None, height=None) -> list:
     """Build the controls inside the current gradio Blocks; return them in PARAMETERS order.
+
+    tab: "txt2img" or "img2img". Element ids carry it (quadtree-td-img2img-min_tile): the
+        WebUI's accordion script finds its checkbox by id, so ids must be unique on the page.
 
     accordion: the WebUI's InputAccordion class (A1111 1.7+, Forge), whose accordion is the
         enabled checkbox itself; None builds a plain gr.Accordion with a checkbox inside.
     init_image, width, height: the host's components the preview reads, where they exist.
     """
     controls = {}
+    prefix = f"{ELEM_ID}-{tab}"
+
+    def elem_id(name: str) -> str:
+        return f"{prefix}-{name}"
+
     if accordion is not None:
-        box = accordion(False, label=TITLE, elem_id=ELEM_ID)
+        box = accordion(False, label=TITLE, elem_id=prefix)
     else:
-        box = gr.Accordion(TITLE, open=False, elem_id=ELEM_ID)
+        box = gr.Accordion(TITLE, open=False, elem_id=prefix)
     with box:
-        controls["enabled"] = box if accordion is not None else _control(gr, PARAMETERS_BY_NAME["enabled"])
+        enabled = PARAMETERS_BY_NAME["enabled"]
+        controls["enabled"] = box if accordion is not None else _control(gr, enabled, elem_id(enabled.name))
         for group, rows in ROWS.items():
             with gr.Group():
                 for row in rows:
                     with gr.Row():
                         for name in row:
-                            controls[name] = _control(gr, PARAMETERS_BY_NAME[name])
+                            controls[name] = _control(gr, PARAMETERS_BY_NAME[name], elem_id(name))
             if group in NOTES:
                 gr.Markdown(NOTES[group], elem_id=elem_id(group.replace(" ", "_") + "-note"))
         with gr.Row():
@@ -74,19 +80,19 @@ def build_ui(gr, *, accordion=None, init_image=None, width=None, height=None) ->
     return components
 
 
-def _control(gr, p):
+def _control(gr, p, elem_id: str):
     """The gradio control of one parameter: slider, radio or checkbox."""
     if p.choices:
-        return gr.Radio(list(p.choices), value=p.default, label=p.label, elem_id=elem_id(p.name))
+        return gr.Radio(list(p.choices), value=p.default, label=p.label, elem_id=elem_id)
     if p.kind is bool:
-        return gr.Checkbox(value=p.default, label=p.label, elem_id=elem_id(p.name))
+        return gr.Checkbox(value=p.default, label=p.label, elem_id=elem_id)
     return gr.Slider(
         minimum=p.minimum,
         maximum=p.maximum,
         step=p.step,
         value=p.default,
         label=p.label,
-        elem_id=elem_id(p.name),
+        elem_id=elem_id,
     )
 
 
@@ -135,16 +141,18 @@ def tooltips_js() -> str:
 
     function addTooltips() {{
         const root = typeof gradioApp === "function" ? gradioApp() : document;
-        for (const [name, text] of Object.entries(help)) {{
-            const ids = ["{ELEM_ID}-" + name];
-            if (name === "enabled") {{
-                ids.push("{ELEM_ID}-visible-checkbox"); // the WebUI's InputAccordion checkbox
-            }}
-            for (const id of ids) {{
-                // The script's controls exist once per tab (txt2img, img2img): set them all.
-                root.querySelectorAll('[id="' + id + '"]').forEach((el) => {{
-                    el.title = text;
-                }});
+        for (const tab of {json.dumps(list(TABS))}) {{
+            for (const [name, text] of Object.entries(help)) {{
+                const ids = ["{ELEM_ID}-" + tab + "-" + name];
+                if (name === "enabled") {{
+                    ids.push("{ELEM_ID}-" + tab + "-visible-checkbox"); // the WebUI's InputAccordion checkbox
+                }}
+                for (const id of ids) {{
+                    // gradio 3 repeats some ids on inner elements: set every match.
+                    root.querySelectorAll('[id="' + id + '"]').forEach((el) => {{
+                        el.title = text;
+                    }});
+                }}
             }}
         }}
     }}
