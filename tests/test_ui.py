@@ -3,13 +3,11 @@
 The browser tests run tests/ui_app.py in .venv-gradio3 (A1111's gradio 3.41.2) and
 .venv-gradio4 (Forge's gradio 4.40.0), made by .ci/setup-ui, and drive headless Chromium
 with playwright. Without those pieces they skip, except under CI, where they fail.
-Set UPDATE_SCREENSHOT=1 to rewrite docs/ui.png from the gradio 3 page.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import socket
 import subprocess
@@ -19,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from tiled_diffusion.preview import DEFAULT_IMAGE, load_image
 from tiled_diffusion.settings import PARAMETERS, PARAMETERS_BY_NAME
@@ -317,10 +314,6 @@ def test_preview_shows_the_tiles_of_the_init_image(page):
     page.locator("#quadtree-td-img2img-variable_denoise input[type=checkbox]").check()
     text = click_preview(page)
     assert "64x64" in text and "skipped 0%" not in text, text
-    if page.stack == "gradio3" and os.environ.get("UPDATE_SCREENSHOT"):
-        shot = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
-        shot = shot.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-        shot.save(REPO / "docs" / "ui.png", optimize=True)  # 256 colours: a third of the bytes
 
 
 def test_bad_tile_sizes_show_the_settings_error(page):
