@@ -37,14 +37,20 @@ class UnetWrapper:
         original: torch.Tensor | None,
         previous: Callable | None = None,
         schedule: ScheduleRecorder | None = None,
+        patches: InstancePatches | None = None,
         progress: Callable[[int, int], None] | None = None,
         on_note: Callable[[str], None] | None = None,
     ):
         self.plan, self.original, self.previous, self.schedule = plan, original, previous, schedule
+        self.patches = patches or InstancePatches()  # the schedule recorder's, on the sampler
         self.progress, self.on_note = progress, on_note
         self.denoiser: TiledDenoiser | None = None
         self.error: Exception | None = None  # raised at the first call: rejected settings
         self._noted: set[str] = set()
+
+    def remove(self) -> None:
+        """Undo what was patched outside the UNet (Forge restores the UNet itself)."""
+        self.patches.remove()
 
     def __deepcopy__(self, memo: dict) -> UnetWrapper:
         # UnetPatcher.clone() deep-copies model options: share this wrapper, not its latent.
@@ -127,8 +133,7 @@ def install(p: Any, plan: Plan | None, original: torch.Tensor | None, **callback
     patches = InstancePatches()
     sampler = getattr(p, "sampler", None)
     schedule = ScheduleRecorder(sampler, patches) if sampler is not None else None
-    wrapper = UnetWrapper(plan, original, previous=previous, schedule=schedule, **callbacks)
-    wrapper.remove = patches.remove
+    wrapper = UnetWrapper(plan, original, previous=previous, schedule=schedule, patches=patches, **callbacks)
     unet.set_model_unet_function_wrapper(wrapper)
     p.sd_model.forge_objects.unet = unet
     return wrapper
