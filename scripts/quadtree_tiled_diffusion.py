@@ -26,7 +26,7 @@ try:
 except ImportError:  # WebUIs before 1.7: a plain accordion with a checkbox
     InputAccordion = None
 
-TITLE = "Quadtree Tiled Diffusion"
+TITLE = "Quadtree Tiled Diffusion"  # = settings.TITLE; spelled here too so a failed import still shows it
 
 
 class Script(scripts.Script):

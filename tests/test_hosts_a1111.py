@@ -263,6 +263,7 @@ def load_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.IMPORT_ERROR is None, module.IMPORT_ERROR
+    assert module.TITLE == td.settings.TITLE  # the API name WebUI callers use
     return module.Script()
 
 

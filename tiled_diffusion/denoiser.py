@@ -39,7 +39,7 @@ class TiledDenoiser:
         plan: Plan,
         original: torch.Tensor | None = None,
         progress: Callable[[int, int], None] | None = None,
-        row_images: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        row_images: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
     ):
         self.model = model
         self.plan = plan

@@ -179,8 +179,8 @@ def build_plan(
     for (region, deviation), skip in zip(nodes, skipped):
         strength = 0.0 if skip else strengths[region]
         # Strength 0 (variable denoise down to 0) is a skip too: the tile never starts.
-        leaf = Leaf(region.x, region.y, region.w, region.h, strength, strength == 0, None, deviation)
-        leaves.append(dataclasses.replace(leaf, start_sigma=start_sigma(strength, sigmas)))
+        start = start_sigma(strength, sigmas)
+        leaves.append(Leaf(region.x, region.y, region.w, region.h, strength, strength == 0, start, deviation))
     notes = []
     if settings.variable_denoise and sigmas is None:
         notes.append(NO_SCHEDULE_NOTE)

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+TITLE = "Quadtree Tiled Diffusion"  # the script's title; its API name is TITLE.lower()
 METHODS = ("MultiDiffusion", "Mixture of Diffusers")
 SKIP_MODES = ("Keep pixels", "Keep latent")
 

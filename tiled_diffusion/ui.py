@@ -14,9 +14,8 @@ from PIL import Image
 from .plan import build_plan
 from .preview import draw_plan, karras_sigmas
 from .quadtree import LATENT_SCALE, to_rgb_array
-from .settings import PARAMETERS, PARAMETERS_BY_NAME, Settings, SettingsError
+from .settings import PARAMETERS, PARAMETERS_BY_NAME, TITLE, Settings, SettingsError
 
-TITLE = "Quadtree Tiled Diffusion"
 ELEM_ID = "quadtree-td"  # + the tab: the WebUI builds the script once per tab on one page
 TABS = ("txt2img", "img2img")
 PREVIEW_STEPS = 20  # steps of the Karras schedule that sets the tiles' start sigmas in the preview

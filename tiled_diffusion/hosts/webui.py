@@ -16,24 +16,38 @@ from PIL import Image
 from ..blend import paste_kept_pixels
 from ..plan import Plan, build_plan
 from ..quadtree import LATENT_SCALE, latent_as_image
-from ..settings import Settings, SettingsError
+from ..settings import TITLE, Settings, SettingsError
 from . import a1111, forge
 
-TITLE = "Quadtree Tiled Diffusion"
 NO_ORIGINAL_NOTE = (
     f"{TITLE}: skip and variable denoise need an init image (img2img) or the hires-fix pass; "
     "this pass denoises every tile."
 )
 
 
-class Job:
+class _HookedJob:
+    """Hooks installed for the current sampling pass, removed together."""
+
+    def __init__(self) -> None:
+        self.hooks: list[Any] = []
+
+    def postprocess_image(self, p: Any, pp: Any) -> None:
+        pass
+
+    def finish(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
+
+
+class Job(_HookedJob):
     """The extension's work on one generation job."""
 
     def __init__(self, settings: Settings, p: Any):
+        super().__init__()
         self.settings = settings
         self.img2img = bool(getattr(p, "init_images", None))
         self.plan: Plan | None = None
-        self.hooks: list[Any] = []
         self.pasting: list[Image.Image] = []  # init images to paste into skipped tiles
         p.extra_generation_params.update(settings.infotext())
         if self.img2img:
@@ -81,20 +95,15 @@ class Job:
             index = min(getattr(p, "batch_index", 0), len(self.pasting) - 1)
             pp.image = paste_kept_pixels(pp.image, self.pasting[index], self.plan)
 
-    def finish(self) -> None:
-        for hook in self.hooks:
-            hook.remove()
-        self.hooks.clear()
 
-
-class RejectedJob:
+class RejectedJob(_HookedJob):
     """Settings that failed validation. The WebUI swallows exceptions from `process`, which
     would run the job untiled and answer 200; raising from inside the sampler instead fails
     the generation (HTTP 500 from the API, an error in the UI)."""
 
     def __init__(self, error: SettingsError):
+        super().__init__()
         self.error = error
-        self.hooks: list[Any] = []
 
     def before_sampling(self, p: Any, x: torch.Tensor) -> None:
         error = SettingsError(f"{TITLE}: {self.error}")
@@ -104,14 +113,6 @@ class RejectedJob:
             self.hooks[-1].error = error
         else:
             self.hooks.append(a1111.FailingHook(p.sampler, error).install())
-
-    def postprocess_image(self, p: Any, pp: Any) -> None:
-        pass
-
-    def finish(self) -> None:
-        for hook in self.hooks:
-            hook.remove()
-        self.hooks.clear()
 
 
 def start(p: Any, args: tuple) -> Job | RejectedJob | None:
