@@ -5,16 +5,17 @@
     const help = {
         "enabled": "Tile the denoiser along an adaptive quadtree of the init image.",
         "method": "How overlapping tiles are blended: MultiDiffusion averages them evenly; Mixture of Diffusers weights each tile by a Gaussian centred on it (softer seams).",
-        "detail_threshold": "Split a tile while its colour deviation (RMS distance from the tile's mean colour, measured at 1/8 resolution) is above this percentage of the whole image's. Lower = more, smaller tiles; at 100 and above only tiles busier than the whole image split (and tiles above Max tile, always).",
+        "detail_threshold": "Split a tile while its share of finely detailed pixels (letters, hair, foliage, fabric, measured at full resolution; the line between two flat areas hardly counts) is above this percentage of the whole image's share. Lower = more, smaller tiles; a uniform texture gets one tile size and a smooth area the largest tiles.",
         "min_tile": "Smallest tile side in pixels: a tile is never split into halves smaller than this.",
         "max_tile": "Largest tile side in pixels: larger tiles are always split. At least twice Min tile.",
-        "overlap": "Pixels each tile's model window reaches into its neighbours, blended across (at most a quarter of the tile's shorter side, so small tiles stay cheap).",
+        "overlap": "Pixels each tile's result reaches into its neighbours, blended across (at most a quarter of the tile's shorter side): two neighbours share a band twice this wide.",
         "tile_batch": "Windows of equal size evaluated in one model call (more is faster, needs more VRAM).",
         "skip_below": "Tiles whose shorter side is below this many pixels keep the original and cost no model call. 0 = never skip.",
         "skip_mode": "What skipped tiles show: 'Keep pixels' pastes the init image's pixels back after decoding (exact, blended across the overlap); 'Keep latent' keeps the original latent and lets the VAE decode it like the rest.",
         "variable_denoise": "Give each tile its own denoising strength, from 'Denoise at largest tiles' to 'Denoise at smallest tiles' by tile size. Replaces the img2img denoising strength: the job runs at the larger of the two.",
         "denoise_largest": "Denoising strength of the largest tiles (flat regions).",
-        "denoise_smallest": "Denoising strength of the smallest tiles (detailed regions)."
+        "denoise_smallest": "Denoising strength of the smallest tiles (detailed regions).",
+        "min_window": "Smallest side of the model's view, in pixels: a smaller tile is denoised inside a window this large so the model sees the picture around it (only the tile and its overlap take the result). Neighbouring tiles of one strength share a window."
     };
 
     function addTooltips() {

@@ -64,7 +64,7 @@ def request(args, name=TITLE):
         ([True, "MultiDiffusion", 90, 128, 256, 64, 0], "tile_batch"),
         ([{"enabled": True, "skip_bellow": 64}], "skip_bellow"),
         ([{"enabled": True, "max_tile": 128}], "max_tile"),
-        ([True] * 13, "13 values given"),
+        ([True] * (len(td.PARAMETERS) + 1), f"{len(td.PARAMETERS) + 1} values given"),
         ("true", "args: expected a list"),
         ({"enabled": True}, "args: expected a list"),
     ],

@@ -221,21 +221,6 @@ def test_leaves_below_skip_threshold_are_skipped_with_zero_strength():
     assert not any(leaf.skipped for leaf in off.leaves)
 
 
-def test_windows_grow_by_overlap_and_shift_inward_at_the_border():
-    image = noise_image(1024, 1024)
-    plan = td.build_plan(
-        image,
-        td.Settings(overlap=64, min_tile=256, max_tile=512, detail_threshold=200),
-        latent_size=(128, 128),
-    )
-    for window in plan.windows:
-        leaf = plan.leaves[window.leaf]
-        assert (window.w, window.h) == (leaf.w + 16, leaf.h + 16)
-        assert window.x <= leaf.x and window.x + window.w >= leaf.x + leaf.w
-        assert 0 <= window.x and window.x + window.w <= 128
-        assert 0 <= window.y and window.y + window.h <= 128
-
-
 def test_variable_denoise_with_every_tile_skipped_has_no_active_strength():
     settings = td.Settings(variable_denoise=True, skip_below=2048)
     plan = td.build_plan(noise_image(256, 256), settings, latent_size=(32, 32), sigmas=karras(10))
@@ -243,11 +228,68 @@ def test_variable_denoise_with_every_tile_skipped_has_no_active_strength():
     assert plan.max_strength == 0
 
 
-def test_overlap_is_capped_at_a_quarter_of_the_tile():
-    settings = td.Settings(min_tile=64, overlap=256)
+def union(plan: td.Plan, window: td.Window) -> tuple[int, int, int, int]:
+    """The bounding box (x, y, w, h) of a window's leaves."""
+    leaves = [plan.leaves[i] for i in window.leaves]
+    x0, y0 = min(leaf.x for leaf in leaves), min(leaf.y for leaf in leaves)
+    x1, y1 = max(leaf.x + leaf.w for leaf in leaves), max(leaf.y + leaf.h for leaf in leaves)
+    return x0, y0, x1 - x0, y1 - y0
+
+
+def test_window_bands_grow_by_the_overlap_and_stop_at_the_border():
+    settings = td.Settings(overlap=64, min_tile=256, max_tile=512, detail_threshold=200, min_window=0)
     plan = td.build_plan(noise_image(1024, 1024), settings, latent_size=(128, 128))
-    small = [w for w in plan.windows if min(plan.leaves[w.leaf].w, plan.leaves[w.leaf].h) == 8]
-    assert small, "the noise image splits down to 64 px tiles"
-    for window in small:
-        leaf = plan.leaves[window.leaf]
-        assert (window.w, window.h) == (min(leaf.w + 4, 128), min(leaf.h + 4, 128))
+    assert len(plan.windows) == 4
+    for window in plan.windows:
+        x, y, w, h = union(plan, window)
+        band = window.band
+        assert (band.x, band.y) == (max(x - 8, 0), max(y - 8, 0))
+        assert (band.x + band.w, band.y + band.h) == (min(x + w + 8, 128), min(y + h + 8, 128))
+        assert (window.x, window.y, window.w, window.h) == (band.x, band.y, band.w, band.h)
+
+
+def test_overlap_is_capped_at_a_quarter_of_the_tile():
+    settings = td.Settings(min_tile=64, max_tile=128, overlap=256, min_window=0)
+    plan = td.build_plan(noise_image(1024, 1024), settings, latent_size=(128, 128))
+    for window in plan.windows:
+        x, y, w, h = union(plan, window)
+        reach = min(w, h) // 4
+        assert reach < 256 // 8
+        left, right = max(x - reach, 0), min(x + w + reach, 128)
+        assert (window.band.x, window.band.w) == (left, right - left)
+
+
+def test_every_leaf_is_in_one_window_of_its_own_strength_and_skip_state():
+    image = photo("astronaut")
+    settings = td.Settings(variable_denoise=True, skip_below=129, min_tile=64)
+    plan = td.build_plan(image, settings, latent_size=latent_of(image), sigmas=karras(20))
+    owners = Counter(i for window in plan.windows for i in window.leaves)
+    assert sorted(owners) == list(range(len(plan.leaves))) and set(owners.values()) == {1}
+    for window in plan.windows:
+        states = {(plan.leaves[i].strength, plan.leaves[i].skipped) for i in window.leaves}
+        assert len(states) == 1
+        x, y, w, h = union(plan, window)
+        assert w * h == sum(plan.leaves[i].w * plan.leaves[i].h for i in window.leaves), "a rectangle"
+
+
+def test_tiles_of_one_strength_share_windows_up_to_max_tile():
+    image = photo("astronaut")
+    plan = td.build_plan(image, td.Settings(min_tile=64), latent_size=latent_of(image))
+    assert len({leaf.w for leaf in plan.leaves}) >= 3, "an adaptive tree"
+    # Nothing tells the tiles apart: the windows are the max_tile squares, whatever the tree.
+    assert sorted(union(plan, w) for w in plan.windows) == [(x, y, 64, 64) for x in (0, 64) for y in (0, 64)]
+
+
+@pytest.mark.parametrize("min_window", [0, 256, 512, 2048])
+def test_small_tiles_are_denoised_in_a_view_of_at_least_min_window(min_window):
+    image = photo("astronaut")
+    settings = td.Settings(variable_denoise=True, min_tile=64, min_window=min_window)
+    plan = td.build_plan(image, settings, latent_size=latent_of(image), sigmas=karras(20))
+    side = min(min_window // 8, 128)
+    for window in plan.windows:
+        band = window.band
+        assert window.w >= max(band.w, side) and window.h >= max(band.h, side)
+        assert window.w == max(band.w, side) and window.h == max(band.h, side), "no larger than needed"
+        assert window.x <= band.x and band.x + band.w <= window.x + window.w
+        assert window.y <= band.y and band.y + band.h <= window.y + window.h
+        assert 0 <= window.x and window.x + window.w <= 128 and 0 <= window.y and window.y + window.h <= 128

@@ -277,7 +277,7 @@ def test_rejected_settings_fail_the_generation_naming_the_argument(k_diffusion, 
 def test_progress_text_counts_tiles_within_a_step(k_diffusion, state, init_image):
     original, noise = latents(1, 9)
     p = fake.processing([init_image], W, H, 1)
-    run_img2img(k_diffusion, state, p, args(tile_batch=1), original, noise)
+    run_img2img(k_diffusion, state, p, args(tile_batch=1, max_tile=256), original, noise)
     assert any(text.startswith("Quadtree Tiled Diffusion: tile 1/") for text in state.textinfos)
 
 

@@ -157,3 +157,19 @@ def test_default_image_is_the_bundled_photo():
     assert DEFAULT_IMAGE.is_file()
     image = load_image(None)
     assert image.mode == "RGB" and image.size == (512, 512)
+
+
+def test_detail_map_shows_detailed_pixels_in_yellow_under_the_tiles(tmp_path):
+    image = np.full((512, 512, 3), 128, dtype=np.uint8)
+    image[:, 256:] = np.random.default_rng(0).integers(0, 256, (512, 256, 1), dtype=np.uint8)
+    plan = td.build_plan(image, td.Settings(min_tile=64), latent_size=(64, 64))
+    photo_view = np.asarray(draw_plan(image, plan), dtype=int)[:512]
+    detail_view = np.asarray(draw_plan(image, plan, show_detail=True), dtype=int)[:512]
+    yellow = (detail_view[..., 0] > 200) & (detail_view[..., 1] > 180) & (detail_view[..., 2] < 120)
+    assert yellow[:, 300:].mean() > 0.5, "the busy half is detailed"
+    assert yellow[40:-40, 40:200].mean() == 0, "the flat half is not"
+    assert not np.array_equal(photo_view, detail_view)
+    out = tmp_path / "detail.png"
+    assert main(["preview", "--detail-map", "-o", str(out)]) == 0
+    with Image.open(out) as picture:
+        assert picture.width == 512

@@ -96,6 +96,13 @@ def test_preview_takes_image_size_when_host_has_no_size_controls():
     assert picture.width == 328
 
 
+def test_preview_can_show_the_detail_map_instead_of_the_photo():
+    plain, _ = preview_tiles(load_image(), 512, 512, *defaults())
+    detail, summary = preview_tiles(load_image(), 512, 512, *defaults(), show_detail=True)
+    assert plain.width == detail.width and "tiles" in summary
+    assert not np.array_equal(np.asarray(plain)[:512], np.asarray(detail)[:512])
+
+
 def test_preview_variable_denoise_gets_start_sigmas_from_a_schedule():
     values = with_values(variable_denoise=True, min_tile=64, max_tile=256)
     picture, summary = preview_tiles(load_image(), 512, 512, *values)
@@ -314,6 +321,11 @@ def test_preview_shows_the_tiles_of_the_init_image(page):
     page.locator("#quadtree-td-img2img-variable_denoise input[type=checkbox]").check()
     text = click_preview(page)
     assert "64x64" in text and "skipped 0%" not in text, text
+    # The detail map is a view option passed alongside the settings: the preview still works.
+    page.locator("#quadtree-td-img2img-show-detail input[type=checkbox]").check()
+    set_number(page, "min_tile", 128)
+    text = click_preview(page)
+    assert "tiles" in text and "64x64" not in text, text
 
 
 def test_bad_tile_sizes_show_the_settings_error(page):

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from PIL import Image
+
 import tiled_diffusion as td
 
 from .preview import DEFAULT_IMAGE, draw_plan, karras_sigmas, load_image
@@ -61,6 +63,8 @@ def parser() -> argparse.ArgumentParser:
     out = "picture to write (default: %(default)s)"
     preview.add_argument("-o", "--output", metavar="OUT.png", default="quadtree_preview.png", help=out)
     preview.add_argument("--json", metavar="PLAN.json", help="also write the plan as JSON")
+    detail = "draw the tiles over the detail map that decided them (yellow = fine detail) instead of the photo"
+    preview.add_argument("--detail-map", action="store_true", help=detail)
     return main
 
 
@@ -74,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise td.SettingsError(f"{name}: {value} is not allowed; expected at least 1")
         image = load_image(args.image)
         width, height = output_size(image.size, args.width, args.height)
+        image = image.resize((width, height), Image.Resampling.LANCZOS)  # as the job resizes it
         sigmas = karras_sigmas(args.steps) if settings.variable_denoise else None
         plan = td.build_plan(image, settings, latent_size=(height // 8, width // 8), sigmas=sigmas)
     except (td.SettingsError, ValueError, OSError) as error:
@@ -82,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     print(plan.summary())
     for note in plan.notes:
         print(f"note: {note}")
-    draw_plan(image, plan).save(args.output)
+    draw_plan(image, plan, args.detail_map).save(args.output)
     print(f"wrote {args.output} ({width}x{height} px)")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as file:

@@ -1,4 +1,4 @@
-"""Blending weight maps of the model windows."""
+"""Blending weight maps of the windows' bands."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from .quadtree import LATENT_SCALE
 
 
 def window_weights(method: str, height: int, width: int) -> torch.Tensor:
-    """Weight map [height, width] of one window (float32, strictly positive).
+    """Weight map [height, width] of one window's band (float32, strictly positive).
 
     MultiDiffusion averages overlapping windows evenly. Mixture of Diffusers weights each
     by a Gaussian centred on the window (standard deviation 0.15 of its side), so a pixel
@@ -31,12 +31,14 @@ def _gaussian(size: int) -> torch.Tensor:
 
 
 def weight_sum(plan, keep=lambda leaf: True) -> torch.Tensor:
-    """Sum over the windows whose leaf passes `keep` of their weight maps, [H, W]."""
+    """Sum over the windows whose leaves pass `keep` of their band weights, [H, W]."""
     total = torch.zeros(plan.latent_size)
     for window in plan.windows:
-        if keep(plan.leaves[window.leaf]):
-            weights = window_weights(plan.settings.method, window.h, window.w)
-            total[window.y : window.y + window.h, window.x : window.x + window.w] += weights
+        if keep(plan.leaves[window.leaves[0]]):
+            band = window.band
+            total[band.y : band.y + band.h, band.x : band.x + band.w] += window_weights(
+                plan.settings.method, band.h, band.w
+            )
     return total
 
 

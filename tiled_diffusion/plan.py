@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .quadtree import LATENT_SCALE, build_quadtree, detail_map
+from .quadtree import LATENT_SCALE, Node, Region, build_quadtree, detail_grid
 from .settings import Settings
 
 ALWAYS = math.inf  # start sigma of a tile that is active from the first step
@@ -27,7 +27,7 @@ class Leaf:
     strength: float  # denoising strength; 1.0 = the job's own strength (variable denoise off)
     skipped: bool
     start_sigma: float | None  # the tile is denoised while sigma <= this; None = schedule unknown
-    detail: float  # colour deviation that decided the split
+    detail: float  # share of detailed pixels (0..1) that decided the split
 
     def is_active(self, sigma: float) -> bool:
         if self.skipped or self.start_sigma is None:
@@ -37,13 +37,19 @@ class Leaf:
 
 @dataclass(frozen=True)
 class Window:
-    """The model's view of one leaf: the leaf grown by the overlap, kept inside the latent."""
+    """What the model sees for a group of leaves of one strength, and where its result goes.
+
+    The model denoises the view (x, y, w, h); only the band (the leaves' region grown by
+    the overlap) takes part in the blend, so a view grown for context never overrides
+    the windows that own the pixels around it.
+    """
 
     x: int
     y: int
     w: int
     h: int
-    leaf: int  # index into Plan.leaves
+    band: Region  # blended part, in latent pixels of the whole image; inside the view
+    leaves: tuple[int, ...]  # indices into Plan.leaves, all of one strength and skip state
 
 
 @dataclass
@@ -80,9 +86,9 @@ class Plan:
         skipped = sum(leaf.w * leaf.h for leaf in self.leaves if leaf.skipped) / (width * height)
         grid = grid_work(self.latent_size, self.settings)
         return (
-            f"{len(self.leaves)} tiles ({by_size}); skipped {skipped:.0%} of the area; "
-            f"estimated model work {estimated_work(self) / grid:.0%} of a uniform "
-            f"{self.settings.max_tile} px grid"
+            f"{len(self.leaves)} tiles ({by_size}) in {len(self.windows)} model windows; "
+            f"skipped {skipped:.0%} of the area; estimated model work {estimated_work(self) / grid:.0%} "
+            f"of a uniform {self.settings.max_tile} px grid with the same blend band"
         )
 
     def to_json(self) -> dict:
@@ -108,10 +114,14 @@ class Plan:
             "pixel_size": {"width": width * LATENT_SCALE, "height": height * LATENT_SCALE},
             "settings": {name: getattr(self.settings, name) for name in self.settings.__dataclass_fields__},
             "leaves": [leaf_json(leaf) for leaf in self.leaves],
-            "windows": [{"x": w.x, "y": w.y, "w": w.w, "h": w.h, "leaf": w.leaf} for w in self.windows],
+            "windows": [{**_box(w), "band": _box(w.band), "leaves": list(w.leaves)} for w in self.windows],
             "summary": self.summary(),
             "notes": list(self.notes),
         }
+
+
+def _box(r) -> dict:
+    return {"x": r.x, "y": r.y, "w": r.w, "h": r.h}
 
 
 def start_sigma(strength: float, sigmas: torch.Tensor | None) -> float | None:
@@ -155,7 +165,8 @@ def build_plan(
 ) -> Plan:
     """The tiling plan of one job.
 
-    image: PIL image or HxWx3 array of any size; it is mapped onto the latent grid.
+    image: PIL image or HxWx3 array of any size; its detail is measured at its own
+        resolution and mapped onto the latent grid.
     latent_size: (height, width) in latent pixels.
     sigmas: the full k-diffusion schedule (N+1 values ending in 0); variable denoise needs it
         to give each tile its start sigma.
@@ -167,26 +178,48 @@ def build_plan(
     if sigmas is not None:
         sigmas = _checked_sigmas(sigmas)
     scale = LATENT_SCALE
-    detail = detail_map(image, (height, width))
-    nodes = build_quadtree(
-        detail, settings.detail_threshold, settings.min_tile // scale, settings.max_tile // scale, align
+    root = build_quadtree(
+        detail_grid(image, (height, width)),
+        settings.detail_threshold,
+        settings.min_tile // scale,
+        settings.max_tile // scale,
+        align,
     )
-    regions = [region for region, _ in nodes]
-    skipped = [min(r.w, r.h) * scale < settings.skip_below for r in regions]
-    active = [r for r, s in zip(regions, skipped) if not s]
+    nodes = list(root.leaves())
+    skipped = [min(n.region.w, n.region.h) * scale < settings.skip_below for n in nodes]
+    active = [n.region for n, s in zip(nodes, skipped) if not s]
     strengths = dict(zip(active, tile_strengths(active, settings)))
     leaves = []
-    for (region, deviation), skip in zip(nodes, skipped):
-        strength = 0.0 if skip else strengths[region]
+    for node, skip in zip(nodes, skipped):
+        r = node.region
+        strength = 0.0 if skip else strengths[r]
         # Strength 0 (variable denoise down to 0) is a skip too: the tile never starts.
         start = start_sigma(strength, sigmas)
-        leaves.append(Leaf(region.x, region.y, region.w, region.h, strength, strength == 0, start, deviation))
+        leaves.append(Leaf(r.x, r.y, r.w, r.h, strength, strength == 0, start, node.detail))
     notes = []
     if settings.variable_denoise and sigmas is None:
         notes.append(NO_SCHEDULE_NOTE)
-    ov = settings.overlap // scale
-    windows = [_window(leaf, i, ov, width, height) for i, leaf in enumerate(leaves)]
+    index = {node.region: i for i, node in enumerate(nodes)}
+    groups = _groups(root, index, leaves, settings.max_tile // scale)
+    windows = [
+        _window(region, members, settings.overlap // scale, settings.min_window // scale, width, height)
+        for region, members in groups
+    ]
     return Plan(leaves, windows, (height, width), settings, notes)
+
+
+def _groups(node: Node, index: dict, leaves: list[Leaf], max_side: int) -> list[tuple[Region, tuple]]:
+    """Maximal subtrees (at most max_side) whose leaves share strength and skip state.
+
+    Each becomes one window: neighbouring tiles that would be denoised alike need no
+    seams between them, and sharing a window gives small tiles context at no extra cost.
+    """
+    members = tuple(index[leaf.region] for leaf in node.leaves())
+    states = {(leaves[i].strength, leaves[i].skipped) for i in members}
+    r = node.region
+    if len(states) == 1 and max(r.w, r.h) <= max_side or not node.children:
+        return [(r, members)]
+    return [group for child in node.children for group in _groups(child, index, leaves, max_side)]
 
 
 def _checked_sigmas(sigmas) -> torch.Tensor:
@@ -196,21 +229,33 @@ def _checked_sigmas(sigmas) -> torch.Tensor:
     return sigmas
 
 
-def _window(leaf: Leaf, index: int, overlap: int, width: int, height: int) -> Window:
-    """The leaf grown by the overlap, at most a quarter of its shorter side: a small tile
-    in a wide band would cost several times its own area in model work."""
-    overlap = min(overlap, min(leaf.w, leaf.h) // 4)
-    w = min(leaf.w + 2 * overlap, width)
-    h = min(leaf.h + 2 * overlap, height)
-    x = min(max(leaf.x - overlap, 0), width - w)
-    y = min(max(leaf.y - overlap, 0), height - h)
-    return Window(x, y, w, h, index)
+def _window(region: Region, members: tuple, overlap: int, min_view: int, width: int, height: int) -> Window:
+    """The window of one group of leaves.
+
+    Band: the group's region grown by the overlap (at most a quarter of its shorter side,
+    so a small tile's blend band stays in proportion) and cut at the image border. View:
+    the band, grown around its centre to at least min_view per side (as far as the image
+    allows) so that the model sees enough of the picture around a small tile.
+    """
+    overlap = min(overlap, min(region.w, region.h) // 4)
+    x0, y0 = max(region.x - overlap, 0), max(region.y - overlap, 0)
+    x1, y1 = min(region.x + region.w + overlap, width), min(region.y + region.h + overlap, height)
+    band = Region(x0, y0, x1 - x0, y1 - y0)
+    x, w = _grown(band.x, band.w, min_view, width)
+    y, h = _grown(band.y, band.h, min_view, height)
+    return Window(x, y, w, h, band, members)
+
+
+def _grown(start: int, size: int, least: int, limit: int) -> tuple[int, int]:
+    """[start, start + size) grown about its centre to at least `least`, kept in [0, limit)."""
+    grown = max(size, min(least, limit))
+    return min(max(start - (grown - size) // 2, 0), limit - grown), grown
 
 
 def estimated_work(plan: Plan, steps: int = 20) -> float:
     """Model work in latent pixels x share of the job's denoiser calls, from the strengths.
 
-    A tile of strength d runs int(d * steps) + 1 of the job's int(top * steps) + 1 calls
+    A window of strength d runs int(d * steps) + 1 of the job's int(top * steps) + 1 calls
     (the WebUI img2img rule), for a nominal step count.
     """
 
@@ -219,20 +264,20 @@ def estimated_work(plan: Plan, steps: int = 20) -> float:
 
     top = calls(plan.max_strength)
     return sum(
-        plan.windows[i].w * plan.windows[i].h * calls(leaf.strength) / top
-        for i, leaf in enumerate(plan.leaves)
-        if not leaf.skipped
+        w.w * w.h * calls(plan.leaves[w.leaves[0]].strength) / top
+        for w in plan.windows
+        if not plan.leaves[w.leaves[0]].skipped
     )
 
 
 def grid_work(latent_size: tuple[int, int], settings: Settings) -> float:
-    """Model work of a uniform grid of max_tile windows with the same overlap, every step."""
-    return sum(
-        w * h
-        for _, _, w, h in uniform_grid(
-            latent_size, settings.max_tile // LATENT_SCALE, settings.overlap // LATENT_SCALE
-        )
-    )
+    """Model work of a uniform grid of max_tile windows with the same blend band, every step.
+
+    Neighbouring windows of a plan share a band twice the overlap wide (each reaches
+    `overlap` into the other); a grid gets the same band by overlapping that much.
+    """
+    tile, band = settings.max_tile // LATENT_SCALE, 2 * settings.overlap // LATENT_SCALE
+    return sum(w * h for _, _, w, h in uniform_grid(latent_size, tile, band))
 
 
 def uniform_grid(latent_size: tuple[int, int], tile: int, overlap: int) -> list[tuple[int, int, int, int]]:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .plan import Plan
-from .quadtree import LATENT_SCALE, to_rgb_array
+from .quadtree import LATENT_SCALE, detail_density, to_rgb_array
 
 DEFAULT_IMAGE = Path(__file__).parent / "data" / "astronaut.jpg"
 
@@ -38,14 +39,27 @@ def strength_colour(strength: float) -> tuple[int, int, int]:
     return tuple(round(a + (b - a) * (s - i)) for a, b in zip(RAMP[i], RAMP[i + 1]))
 
 
-def draw_plan(image, plan: Plan) -> Image.Image:
+DETAIL_COLOUR = (255, 225, 40)  # detailed pixels in the detail map
+
+
+def detail_picture(picture: Image.Image) -> Image.Image:
+    """The detail map of a picture: its detailed pixels bright yellow over the dimmed photo."""
+    dim = Image.eval(picture.convert("L"), lambda v: v * 3 // 10).convert("RGB")
+    density = Image.fromarray(np.uint8(np.round(detail_density(picture) * 255)))
+    return Image.composite(Image.new("RGB", picture.size, DETAIL_COLOUR), dim, density)
+
+
+def draw_plan(image, plan: Plan, show_detail: bool = False) -> Image.Image:
     """The image at the plan's pixel size with every tile drawn on it, and the summary below.
 
     With variable denoise each active tile is a tone of its strength's colour; skipped tiles
-    keep the photo's own colours under diagonal hatching.
+    keep the photo's own colours under diagonal hatching. show_detail: draw the tiles over
+    the detail map that decided them instead of over the photo.
     """
     height, width = (side * LATENT_SCALE for side in plan.latent_size)
     picture = Image.fromarray(to_rgb_array(image)).resize((width, height), Image.Resampling.LANCZOS)
+    if show_detail:
+        picture = detail_picture(picture)
     grey = picture.convert("L")
     overlay = Image.new("RGBA", (width, height))
     draw = ImageDraw.Draw(overlay)
@@ -69,7 +83,8 @@ def draw_plan(image, plan: Plan) -> Image.Image:
             corner = (box[0] + 6, box[1] + 5)
             draw.text(corner, label, font=font, fill="white", stroke_width=2, stroke_fill="black")
     picture = Image.alpha_composite(picture.convert("RGBA"), overlay).convert("RGB")
-    key = "Tile colour and number: denoise strength (blue 0, teal, gold, red 1). " if variable else ""
+    key = "Yellow: fine detail, which decides where tiles split. " if show_detail else ""
+    key += "Tile colour and number: denoise strength (blue 0, teal, gold, red 1). " if variable else ""
     key += "Hatched: skipped, the original is kept." if any(leaf.skipped for leaf in plan.leaves) else ""
     return _with_legend(picture, [plan.summary(), key, *plan.notes], font)
 

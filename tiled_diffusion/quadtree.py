@@ -1,13 +1,30 @@
-"""Init image -> quadtree leaves on the latent grid."""
+"""Init image -> detail map -> quadtree over the latent grid."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 LATENT_SCALE = 8  # image pixels per latent pixel
+
+# A pixel's detail is how much its grey level differs from its four neighbours (mean
+# absolute difference, 0-255 scale, after the contrast stretch below): up to DETAIL_RAMP[0]
+# is flat (sensor noise, JPEG grain, smooth gradients), from DETAIL_RAMP[1] on it is fully
+# detailed, linear in between. Chosen by measurement on 14 photographs and on text and
+# a face pasted on a sky (benchmarks/bench_detail.py).
+DETAIL_RAMP = (6.0, 20.0)
+# The contrast stretch maps the 1st..99th percentile of the luminance to 0..255, at most
+# this many times: a low-contrast (hazy, dark) photo reads like a crisp one, while an
+# almost uniform picture does not have its noise amplified into "detail".
+MAX_STRETCH = 4.0
+# A tile splits only if it holds more detailed pixels than this many lines of pixels across
+# it, whatever the threshold: a sharp step between two flat areas is detailed along a line
+# about 2 px wide (4-6 px once upscaled), so a few steps or a smooth gradient never split
+# a tile, while a face or text gives 10-40 such lines even in a 512 px tile.
+FLAT_LINES = 8.0
 
 
 @dataclass(frozen=True)
@@ -18,6 +35,22 @@ class Region:
     y: int
     w: int
     h: int
+
+
+@dataclass(frozen=True)
+class Node:
+    """A quadtree node: its region, its detail (share of detailed pixels, 0..1) and children."""
+
+    region: Region
+    detail: float
+    children: tuple[Node, ...] = ()
+
+    def leaves(self) -> Iterator[Node]:
+        """The leaves below this node, in reading order within each node."""
+        if not self.children:
+            yield self
+        for child in self.children:
+            yield from child.leaves()
 
 
 def to_rgb_array(image) -> np.ndarray:
@@ -50,33 +83,47 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     return np.clip(np.round(array / scale * 255.0), 0, 255).astype(np.uint8)
 
 
-def detail_map(image, latent_size: tuple[int, int]) -> np.ndarray:
-    """The image as float64 RGB on the latent grid (one value per latent pixel).
+def detail_density(image) -> np.ndarray:
+    """Per-pixel fine detail of an image at its own resolution, HxW float32 in 0..1.
 
-    Detail is measured at this 1/8 resolution: pixel noise and JPEG grain average out,
-    so the threshold reads the same for a 512 px and a 4096 px image.
+    Measured on the full-resolution luminance, so structure finer than a latent pixel
+    (letters, hair, foliage, fabric) counts. A step between two flat areas is detailed
+    only along its line, so a tile's share of detailed pixels stays small there, while
+    texture, text and faces fill whole areas with it.
+    """
+    rgb = to_rgb_array(image)
+    luma = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    sample = luma[:: max(1, luma.shape[0] // 512), :: max(1, luma.shape[1] // 512)]
+    low, high = np.percentile(sample, [1, 99])
+    luma *= min(255.0 / max(high - low, 1e-6), MAX_STRETCH)
+    change = np.zeros_like(luma)
+    across, down = np.abs(np.diff(luma, axis=1)), np.abs(np.diff(luma, axis=0))
+    change[:, :-1] += across
+    change[:, 1:] += across
+    change[:-1] += down
+    change[1:] += down
+    change *= 0.25
+    low, high = DETAIL_RAMP
+    return np.clip((change - low) / (high - low), 0.0, 1.0, out=change)
+
+
+def detail_grid(image, latent_size: tuple[int, int]) -> np.ndarray:
+    """The detail density averaged onto the latent grid, [h, w] float64.
+
+    The image may have any size: its own pixels are measured and the map is then scaled
+    to the grid, so an init image smaller than the job (an upscale) is measured at its
+    native sharpness rather than after the resize has softened it.
     """
     height, width = latent_size
-    rgb = Image.fromarray(to_rgb_array(image))
-    downscaling = rgb.width >= width and rgb.height >= height
-    resample = Image.Resampling.BOX if downscaling else Image.Resampling.BILINEAR
-    return np.asarray(rgb.resize((width, height), resample), dtype=np.float64)
-
-
-def colour_deviation(pixels: np.ndarray) -> float:
-    """RMS colour distance from the region's mean colour: sqrt(var_R + var_G + var_B)."""
-    flat = pixels.reshape(-1, 3)
-    return float(np.sqrt(((flat - flat.mean(axis=0)) ** 2).sum(axis=1).mean()))
+    density = Image.fromarray(detail_density(image), mode="F")
+    shrinking = density.width >= width and density.height >= height
+    resample = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+    return np.asarray(density.resize((width, height), resample), dtype=np.float64)
 
 
 def _halves(size: int, align: int) -> tuple[int, int]:
     first = (size // 2) // align * align
     return first, size - first
-
-
-# Tiles whose colour deviation is below this (0-255 scale) are flat whatever the threshold:
-# it keeps sensor noise and JPEG grain on an almost uniform image from splitting it.
-FLAT_DEVIATION = 2.0
 
 
 def build_quadtree(
@@ -85,46 +132,43 @@ def build_quadtree(
     min_side: int,
     max_side: int,
     align: int = 1,
-) -> list[tuple[Region, float]]:
-    """Leaves (with their colour deviation) that partition the latent grid of `detail`.
+) -> Node:
+    """The quadtree over the latent grid of `detail` (a detail_grid), as its root node.
 
-    A node is split while its deviation exceeds `threshold_percent` of the whole image's
-    deviation and both halves keep at least `min_side`; a node longer than `max_side` is
-    always split. The threshold is relative because photographs differ more in overall
-    contrast than in how their detail is spread: an absolute threshold that makes an
-    adaptive tree on a low-contrast photo splits a high-contrast one down to the minimum
-    everywhere. A node at least twice as long as it is wide is split across its long
-    side only, so strips and wide images get square-ish leaves.
+    A node splits while its detail exceeds `threshold_percent` of the whole image's (and
+    FLAT_LINES lines across it) and both halves keep at least `min_side`; a node longer than `max_side`
+    always splits. Relative, so that a busy photo and a sparse one both get an adaptive
+    tree, and a child that is flatter than the image stops splitting at once even when
+    its sibling is detailed. A node at least twice as long as it is wide splits across
+    its long side only, so strips and wide images get square-ish tiles.
     """
     height, width = detail.shape[:2]
-    threshold = max(threshold_percent / 100 * colour_deviation(detail), FLAT_DEVIATION)
-    leaves: list[tuple[Region, float]] = []
-    stack = [Region(0, 0, width, height)]
-    while stack:
-        node = stack.pop()
-        deviation = colour_deviation(detail[node.y : node.y + node.h, node.x : node.x + node.w])
-        split_x = _split_axis(node.w, node.h, deviation, threshold, min_side, max_side, align)
-        split_y = _split_axis(node.h, node.w, deviation, threshold, min_side, max_side, align)
+    table = np.zeros((height + 1, width + 1))
+    table[1:, 1:] = detail.cumsum(0).cumsum(1)  # summed-area table: any node's mean in O(1)
+
+    def mean(r: Region) -> float:
+        total = table[r.y + r.h, r.x + r.w] - table[r.y, r.x + r.w] - table[r.y + r.h, r.x] + table[r.y, r.x]
+        return float(total / (r.w * r.h))
+
+    root = Region(0, 0, width, height)
+    relative = threshold_percent / 100 * mean(root)
+
+    def grow(r: Region) -> Node:
+        d = mean(r)
+        threshold = max(relative, FLAT_LINES / (LATENT_SCALE * (r.w * r.h) ** 0.5))
+        split_x = _split_axis(r.w, r.h, d, threshold, min_side, max_side, align)
+        split_y = _split_axis(r.h, r.w, d, threshold, min_side, max_side, align)
         if not (split_x or split_y):
-            leaves.append((node, deviation))
-            continue
-        xs = (
-            list(zip((node.x, node.x + _halves(node.w, align)[0]), _halves(node.w, align)))
-            if split_x
-            else [(node.x, node.w)]
-        )
-        ys = (
-            list(zip((node.y, node.y + _halves(node.h, align)[0]), _halves(node.h, align)))
-            if split_y
-            else [(node.y, node.h)]
-        )
-        # Pushed in reverse so leaves come out in reading order within each node.
-        stack.extend(Region(x, y, w, h) for y, h in reversed(ys) for x, w in reversed(xs))
-    return leaves
+            return Node(r, d)
+        xs = list(zip((r.x, r.x + _halves(r.w, align)[0]), _halves(r.w, align))) if split_x else [(r.x, r.w)]
+        ys = list(zip((r.y, r.y + _halves(r.h, align)[0]), _halves(r.h, align))) if split_y else [(r.y, r.h)]
+        return Node(r, d, tuple(grow(Region(x, y, w, h)) for y, h in ys for x, w in xs))
+
+    return grow(root)
 
 
 def _split_axis(
-    side: int, other: int, deviation: float, threshold: float, min_side: int, max_side: int, align: int
+    side: int, other: int, detail: float, threshold: float, min_side: int, max_side: int, align: int
 ) -> bool:
     """Whether a node splits across this side."""
     first, second = _halves(side, align)
@@ -134,15 +178,15 @@ def _split_axis(
         return True
     if 2 * side <= other or min(first, second) < min_side:
         return False  # a short side of an elongated node, or halves below the minimum
-    return deviation > threshold
+    return detail > threshold
 
 
 def latent_as_image(latent) -> np.ndarray:
     """A stand-in picture of a latent [C, H, W] (C >= 3) for measuring detail, HxWx3 uint8.
 
     Used where no decoded image exists (the hires-fix pass starts from a latent). The
-    first three channels of SD-family latents carry most of the luminance and colour, and
-    the threshold is relative to the whole picture, so their own scale does not matter.
+    first three channels of SD-family latents carry most of the luminance and colour;
+    the picture has one pixel per latent pixel, so only detail at the latent scale shows.
     """
     if hasattr(latent, "detach"):
         latent = latent.detach().float().cpu()

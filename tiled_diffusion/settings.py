@@ -94,11 +94,11 @@ PARAMETERS: tuple[Param, ...] = (
     Param(
         "detail_threshold",
         "Detail threshold",
-        90.0,
-        "Split a tile while its colour deviation (RMS distance from the tile's mean colour, "
-        "measured at 1/8 resolution) is above this percentage of the whole image's. "
-        "Lower = more, smaller tiles; at 100 and above only tiles busier than the whole image "
-        "split (and tiles above Max tile, always).",
+        70.0,
+        "Split a tile while its share of finely detailed pixels (letters, hair, foliage, fabric, "
+        "measured at full resolution; the line between two flat areas hardly counts) is above "
+        "this percentage of the whole image's share. Lower = more, smaller tiles; a uniform "
+        "texture gets one tile size and a smooth area the largest tiles.",
         "tiles",
         1.0,
         200.0,
@@ -127,9 +127,9 @@ PARAMETERS: tuple[Param, ...] = (
     Param(
         "overlap",
         "Overlap",
-        64,
-        "Pixels each tile's model window reaches into its neighbours, blended across "
-        "(at most a quarter of the tile's shorter side, so small tiles stay cheap).",
+        32,
+        "Pixels each tile's result reaches into its neighbours, blended across (at most a "
+        "quarter of the tile's shorter side): two neighbours share a band twice this wide.",
         "tiles",
         0,
         512,
@@ -195,6 +195,18 @@ PARAMETERS: tuple[Param, ...] = (
         1.0,
         0.01,
     ),
+    Param(
+        "min_window",
+        "Min window",
+        256,
+        "Smallest side of the model's view, in pixels: a smaller tile is denoised inside a "
+        "window this large so the model sees the picture around it (only the tile and its "
+        "overlap take the result). Neighbouring tiles of one strength share a window.",
+        "tiles",
+        0,
+        2048,
+        8,
+    ),
 )
 
 PARAMETERS_BY_NAME = {p.name: p for p in PARAMETERS}
@@ -216,6 +228,7 @@ class Settings:
     variable_denoise: bool = PARAMETERS_BY_NAME["variable_denoise"].default
     denoise_largest: float = PARAMETERS_BY_NAME["denoise_largest"].default
     denoise_smallest: float = PARAMETERS_BY_NAME["denoise_smallest"].default
+    min_window: int = PARAMETERS_BY_NAME["min_window"].default
 
     def __post_init__(self) -> None:
         for p in PARAMETERS:

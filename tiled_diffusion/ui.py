@@ -22,7 +22,12 @@ PREVIEW_STEPS = 20  # steps of the Karras schedule that sets the tiles' start si
 
 # Rows of controls, group by group; every parameter but "enabled" appears exactly once.
 ROWS = {
-    "tiles": (("method", "tile_batch"), ("detail_threshold",), ("min_tile", "max_tile", "overlap")),
+    "tiles": (
+        ("method", "tile_batch"),
+        ("detail_threshold",),
+        ("min_tile", "max_tile"),
+        ("overlap", "min_window"),
+    ),
     "skip": (("skip_below", "skip_mode"),),
     "variable denoise": (("variable_denoise",), ("denoise_largest", "denoise_smallest")),
 }
@@ -65,17 +70,21 @@ def build_ui(gr, *, tab: str = "img2img", accordion=None, init_image=None, width
                 gr.Markdown(NOTES[group], elem_id=elem_id(group.replace(" ", "_") + "-note"))
         with gr.Row():
             button = gr.Button("Preview tiles", elem_id=elem_id("preview"))
+            # A view option, not a setting: it changes the preview, never the job.
+            show_detail = gr.Checkbox(False, label="Show detail map", elem_id=elem_id("show-detail"))
         summary = gr.Markdown("", elem_id=elem_id("summary"))
         picture = gr.Image(type="pil", interactive=False, show_label=False, elem_id=elem_id("preview-image"))
     components = [controls[p.name] for p in PARAMETERS]
     extras = {"image": init_image, "width": width, "height": height}
     given = [key for key, component in extras.items() if component is not None]
 
-    def on_preview(*args):
+    def on_preview(detail, *args):
         known = dict(zip(given, args))
-        return preview_tiles(known.get("image"), known.get("width"), known.get("height"), *args[len(given) :])
+        image, width, height = (known.get(key) for key in extras)
+        return preview_tiles(image, width, height, *args[len(given) :], show_detail=detail)
 
-    button.click(on_preview, inputs=[extras[key] for key in given] + components, outputs=[picture, summary])
+    inputs = [show_detail] + [extras[key] for key in given] + components
+    button.click(on_preview, inputs=inputs, outputs=[picture, summary])
     return components
 
 
@@ -95,8 +104,8 @@ def _control(gr, p, elem_id: str):
     )
 
 
-def preview_tiles(image, width, height, *values) -> tuple[Image.Image | None, str]:
-    """The plan drawn over the image at the job's size, and its summary.
+def preview_tiles(image, width, height, *values, show_detail=False) -> tuple[Image.Image | None, str]:
+    """The plan drawn over the image (or its detail map) at the job's size, and its summary.
 
     values: the controls' values in PARAMETERS order. A missing or unreadable image and a
     settings error come back as a message, never as an exception.
@@ -114,7 +123,7 @@ def preview_tiles(image, width, height, *values) -> tuple[Image.Image | None, st
     image = image.resize((width, height), Image.Resampling.LANCZOS)  # "Just resize", as the job does
     sigmas = karras_sigmas(PREVIEW_STEPS) if settings.variable_denoise else None
     plan = build_plan(image, settings, (height // LATENT_SCALE, width // LATENT_SCALE), sigmas)
-    return draw_plan(image, plan), _escape(plan.summary())
+    return draw_plan(image, plan, show_detail), _escape(plan.summary())
 
 
 def _job_side(px) -> int:
