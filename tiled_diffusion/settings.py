@@ -73,6 +73,21 @@ class Param:
             raise bad
         return value
 
+    def read_infotext(self, params: dict[str, Any]) -> Any:
+        """This parameter's value in parsed generation parameters (strings), or None when absent
+        or unreadable. The WebUI calls this on paste and for the API's `infotext` field; given
+        the key instead, the API would convert the string with the control's type, and
+        bool("False") is True."""
+        raw = params.get(self.infotext_key)
+        if raw is None or self.choices:
+            return raw
+        if self.kind is bool:
+            return {"True": True, "False": False}.get(raw)
+        try:
+            return self.kind(raw)
+        except ValueError:
+            return None
+
 
 PARAMETERS: tuple[Param, ...] = (
     Param(
@@ -251,24 +266,6 @@ class Settings:
     def infotext(self) -> dict[str, Any]:
         """Flat scalar infotext entries (never a dict value: the WebUI cuts those at commas)."""
         return {p.infotext_key: getattr(self, p.name) for p in PARAMETERS}
-
-    @classmethod
-    def from_infotext(cls, params: dict[str, Any]) -> Settings:
-        """Settings read back from pasted generation parameters (values arrive as strings)."""
-        values = {}
-        for p in PARAMETERS:
-            if p.infotext_key not in params:
-                continue
-            raw = params[p.infotext_key]
-            if isinstance(raw, str):
-                raw = {"True": True, "False": False}.get(raw, raw) if p.kind is bool else raw
-                if p.kind in (int, float):
-                    try:
-                        raw = float(raw)
-                    except ValueError as error:
-                        raise SettingsError(f"{p.name}: {raw!r} is not a number") from error
-            values[p.name] = raw
-        return cls(**values)
 
 
 assert tuple(f.name for f in fields(Settings)) == tuple(PARAMETERS_BY_NAME), (
