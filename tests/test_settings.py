@@ -87,7 +87,7 @@ def test_named_api_args_take_defaults_for_omitted_names():
     [
         ("enabled", "args: expected a list"),
         ({"enabled": True}, "args: expected a list"),
-        ([{"enable": True}], "enable: unknown argument"),
+        ([{"enable": True}], "'enable': unknown argument"),
         ([True] + [None] * len(PARAMETERS), f"{len(PARAMETERS) + 1} values given, at most {len(PARAMETERS)}"),
         (["false"], "enabled: 'false' is not allowed"),
         ([True, "MultiDiffusion", "sixty-four"], "detail_threshold: 'sixty-four'"),

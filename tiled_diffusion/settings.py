@@ -13,10 +13,21 @@ from typing import Any
 TITLE = "Quadtree Tiled Diffusion"  # the script's title; its API name is TITLE.lower()
 METHODS = ("MultiDiffusion", "Mixture of Diffusers")
 SKIP_MODES = ("Keep pixels", "Keep latent")
+BRIEF = 40  # characters of a bad value or name that an error message quotes
 
 
 class SettingsError(ValueError):
     """A parameter has a wrong type, an out-of-range value or an unknown choice."""
+
+
+def brief_repr(value: Any) -> str:
+    """repr(value) for an error message: a long one cut to a short prefix, with its length."""
+    text = repr(value)
+    if len(text) <= BRIEF:
+        return text
+    if isinstance(value, str):
+        return f"{value[:BRIEF] + '…'!r} ({len(value)} characters)"
+    return f"{text[:BRIEF]}… ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -51,7 +62,7 @@ class Param:
 
     def convert(self, value: Any) -> Any:
         """Check one value and return it as the parameter's type, or raise SettingsError."""
-        bad = SettingsError(f"{self.name}: {value!r} is not allowed; expected {self.allowed()}")
+        bad = SettingsError(f"{self.name}: {brief_repr(value)} is not allowed; expected {self.allowed()}")
         if self.kind is bool:
             if not isinstance(value, bool):
                 raise bad
@@ -250,7 +261,9 @@ class Settings:
             named = args[0]
             unknown = [k for k in named if k not in PARAMETERS_BY_NAME]
             if unknown:
-                raise SettingsError(f"{unknown[0]}: unknown argument; known: {', '.join(PARAMETERS_BY_NAME)}")
+                raise SettingsError(
+                    f"{brief_repr(unknown[0])}: unknown argument; known: {', '.join(PARAMETERS_BY_NAME)}"
+                )
             return cls(**named)
         if len(args) > len(PARAMETERS):
             raise SettingsError(
