@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 import tiled_diffusion as td
-from tiled_diffusion.settings import PARAMETERS, PARAMETERS_BY_NAME
+from tiled_diffusion.settings import JOB_STRENGTH, PARAMETERS, PARAMETERS_BY_NAME
+from tiled_diffusion.ui import NOTES
 
 from . import fake_a1111 as fake
 from . import fake_webui_infotext as webui_infotext
@@ -172,11 +173,25 @@ def test_send_to_img2img_copies_every_setting(scripts):
 
 
 def test_readme_parameter_table_matches_the_declarations():
-    text = README.read_text()
-    rows = re.findall(r"^\| (\d+) \| `(\w+)` \| (.+?) \| (.+?) \|", text, flags=re.M)
-    assert [(int(i), name) for i, name, _, _ in rows] == list(enumerate(PARAMETERS_BY_NAME))
-    for _, name, default, _ in rows:
-        assert default.strip("` ") == repr_default(PARAMETERS_BY_NAME[name].default)
+    rows = [
+        line.strip("| ").split(" | ")
+        for line in README.read_text().splitlines()
+        if re.match(r"\| \d+ \|", line)
+    ]
+    assert [(int(row[0]), row[1].strip("`")) for row in rows] == list(enumerate(PARAMETERS_BY_NAME))
+    for (_, _, default, allowed, label, key, what), p in zip(rows, PARAMETERS):
+        assert default.strip("`") == repr_default(p.default), p.name
+        assert allowed.replace('"', "'") == p.allowed(), p.name
+        assert (label, key.strip("`"), what) == (p.label, p.infotext_key, p.help), p.name
+
+
+def test_readme_and_ui_note_state_the_job_strength_as_declared():
+    paragraphs = [" ".join(text.split()) for text in README.read_text().split("\n\n")]
+    stating = [text for text in paragraphs if "the job runs at" in text]
+    assert len(stating) == 2, "the variable denoise paragraph and the parameter table"
+    assert all(JOB_STRENGTH in text for text in stating)
+    assert JOB_STRENGTH in PARAMETERS_BY_NAME["variable_denoise"].help
+    assert NOTES["variable denoise"] == JOB_STRENGTH
 
 
 def repr_default(value) -> str:

@@ -13,6 +13,12 @@ from typing import Any
 TITLE = "Quadtree Tiled Diffusion"  # the script's title; its API name is TITLE.lower()
 METHODS = ("MultiDiffusion", "Mixture of Diffusers")
 SKIP_MODES = ("Keep pixels", "Keep latent")
+# What variable denoise does to the job's strength (help text, UI note and README say this).
+JOB_STRENGTH = (
+    "Replaces the img2img denoising strength: the job runs at the largest strength of any tile "
+    "not skipped, that is the larger of the two Denoise values, or 'Denoise at largest tiles' "
+    "when the tiles not skipped are all one size."
+)
 BRIEF = 40  # characters of a bad value or name that an error message quotes
 
 
@@ -197,8 +203,7 @@ PARAMETERS: tuple[Param, ...] = (
         "Variable denoise",
         False,
         "Give each tile its own denoising strength, from 'Denoise at largest tiles' to "
-        "'Denoise at smallest tiles' by tile size. Replaces the img2img denoising strength: "
-        "the job runs at the larger of the two.",
+        "'Denoise at smallest tiles' by tile size. " + JOB_STRENGTH,
         "variable denoise",
     ),
     Param(
