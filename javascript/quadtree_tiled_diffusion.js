@@ -12,7 +12,7 @@
         "tile_batch": "Windows of equal size evaluated in one model call (more is faster, needs more VRAM).",
         "skip_below": "Tiles whose shorter side is below this many pixels keep the original and cost no model call. 0 = never skip.",
         "skip_mode": "What skipped tiles show: 'Keep pixels' pastes the init image's pixels back after decoding (exact, blended across the overlap); 'Keep latent' keeps the original latent and lets the VAE decode it like the rest.",
-        "variable_denoise": "Give each tile its own denoising strength, from 'Denoise at largest tiles' to 'Denoise at smallest tiles' by tile size. Replaces the img2img denoising strength: the job runs at the larger of the two.",
+        "variable_denoise": "Give each tile its own denoising strength, from 'Denoise at largest tiles' to 'Denoise at smallest tiles' by tile size. Replaces the img2img denoising strength: the job runs at the largest strength of any tile not skipped, that is the larger of the two Denoise values, or 'Denoise at largest tiles' when the tiles not skipped are all one size.",
         "denoise_largest": "Denoising strength of the largest tiles (flat regions).",
         "denoise_smallest": "Denoising strength of the smallest tiles (detailed regions).",
         "min_window": "Smallest side of the model's view, in pixels: a smaller tile is denoised inside a window this large so the model sees the picture around it (only the tile and its overlap take the result). Neighbouring tiles of one strength share a window."

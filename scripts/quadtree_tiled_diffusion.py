@@ -73,9 +73,11 @@ class Script(scripts.Script):
             width=self.sources.get(f"{tab}_width"),
             height=self.sources.get(f"{tab}_height"),
         )
-        # PNG Info / "Send to img2img" restore every setting from its infotext key.
-        self.infotext_fields = [(c, p.infotext_key) for c, p in zip(components, PARAMETERS)]
-        self.paste_field_names = [p.infotext_key for p in PARAMETERS]
+        # PNG Info, "Send to" and the API's `infotext` field restore every setting. A function
+        # reads each value (the WebUI calls it on paste and in the API): given the key, the API
+        # would convert the string with the control's type, and bool("False") is True.
+        self.infotext_fields = [(c, p.read_infotext) for c, p in zip(components, PARAMETERS)]
+        self.paste_field_names = [p.read_infotext for p in PARAMETERS]  # "Send to" matches these by ==
         return components
 
     def process(self, p, *args):

@@ -9,9 +9,15 @@ The inner model is k-diffusion's real `CompVisDenoiser` around an analytic eps m
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+import types
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+
+from tiled_diffusion.settings import TITLE
 
 from .conftest import InterruptedException  # noqa: F401 - the hosts' interrupt
 
@@ -237,3 +243,32 @@ def conditioning(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]
 
 def image_cond(batch: int) -> torch.Tensor:
     return torch.zeros(batch, 5, 1, 1)  # A1111's dummy for non-inpainting SD1 models
+
+
+def load_script():
+    """The real scripts/ file, imported beside stand-ins for the WebUI modules it uses.
+
+    Needs the `state` fixture's `modules`; its ui() builds with whatever sys.modules holds
+    as gradio (an empty stand-in when nothing does)."""
+    modules = sys.modules["modules"]
+    modules.scripts = types.ModuleType("modules.scripts")
+
+    class Script:
+        def on_after_component(self, callback, *, elem_id):
+            pass
+
+    modules.scripts.Script, modules.scripts.AlwaysVisible = Script, object()
+    modules.script_callbacks = types.ModuleType("modules.script_callbacks")
+    modules.script_callbacks.on_app_started = lambda callback: None
+    sys.modules.update(
+        {"modules.scripts": modules.scripts, "modules.script_callbacks": modules.script_callbacks}
+    )
+    if "gradio" not in sys.modules:
+        sys.modules["gradio"] = types.ModuleType("gradio")
+    path = Path(__file__).parent.parent / "scripts" / "quadtree_tiled_diffusion.py"
+    spec = importlib.util.spec_from_file_location("quadtree_script_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.IMPORT_ERROR is None, module.IMPORT_ERROR
+    assert module.TITLE == TITLE  # the API name WebUI callers use
+    return module.Script()

@@ -11,6 +11,8 @@ import tiled_diffusion as td
 from tiled_diffusion.hosts.api import ArgsValidator, add_validator, payload_error
 
 TITLE = "Quadtree Tiled Diffusion"
+MB = 1 << 20
+CUT = repr("a" * 40 + "…")  # how an error quotes a megabyte of "a"
 
 
 class Downstream:
@@ -114,6 +116,38 @@ def test_other_routes_and_non_json_bodies_pass_through():
 def test_entry_without_args_list_is_rejected():
     message = payload_error(json.dumps({"alwayson_scripts": {TITLE: [True]}}).encode(), TITLE)
     assert message and "expected" in message
+    message = payload_error(json.dumps({"alwayson_scripts": {TITLE: "a" * MB}}).encode(), TITLE)
+    assert message.endswith(f"got {CUT} ({MB} characters)")
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (
+            [{"enabled": True, "method": "a" * MB}],
+            f"method: {CUT} ({MB} characters) is not allowed",
+        ),
+        ([True, "a" * MB], f"method: {CUT} ({MB} characters) is not allowed"),
+        ([{"enabled": True, "a" * MB: True}], f"{CUT} ({MB} characters): unknown argument"),
+        ([True, ["a"] * MB], f"method: {repr(['a'] * MB)[:40]}… ({5 * MB} characters)"),
+    ],
+    ids=["named value", "positional value", "name", "list value"],
+)
+def test_huge_value_or_name_gets_a_short_422_naming_the_argument(args, named):
+    app = ArgsValidator(Downstream(), TITLE)
+    status, body = post(app, "/sdapi/v1/img2img", request(args), chunk=1 << 16)
+    assert status == 422 and len(body) < 2048, len(body)
+    assert named in json.loads(body)["detail"]
+
+
+def test_rejection_has_the_webui_error_shape_with_the_message_once():
+    # A1111 and Forge answer an HTTPException with these four keys; "body" and "errors" are
+    # empty there (modules/api/api.py handle_exception), the message is in "detail" only.
+    status, body = post(ArgsValidator(Downstream(), TITLE), "/sdapi/v1/txt2img", request(["false"]))
+    answer = json.loads(body)
+    assert status == 422
+    assert answer == {"error": "SettingsError", "detail": answer["detail"], "body": "", "errors": ""}
+    assert answer["detail"] == f"{TITLE}: enabled: 'false' is not allowed; expected true or false"
 
 
 def test_validator_can_be_added_to_an_app_that_already_serves():

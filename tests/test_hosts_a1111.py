@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from types import SimpleNamespace
 
 import numpy as np
@@ -199,7 +197,7 @@ def test_txt2img_without_hires_denoises_every_tile_and_says_why(k_diffusion, sta
 @pytest.mark.parametrize("failure", ["exception on step 3", "interrupt"])
 def test_no_hook_is_left_behind_after_a_failure(k_diffusion, state, init_image, failure):
     original, noise = latents(1, 7)
-    script = load_script()
+    script = fake.load_script()
     p = fake.processing([init_image], W, H, 1)
 
     def inject(call):
@@ -237,34 +235,6 @@ def test_no_hook_is_left_behind_after_a_failure(k_diffusion, state, init_image, 
         k_diffusion, state, fake.processing([init_image], W, H, 1), [False], original, noise, run_job=False
     )
     torch.testing.assert_close(after, fresh)
-
-
-def load_script():
-    """The real scripts/ file, imported beside stand-ins for the WebUI modules it uses."""
-    import importlib.util
-
-    modules = sys.modules["modules"]
-    modules.scripts = types.ModuleType("modules.scripts")
-
-    class Script:
-        def on_after_component(self, callback, *, elem_id):
-            pass
-
-    modules.scripts.Script, modules.scripts.AlwaysVisible = Script, object()
-    modules.script_callbacks = types.ModuleType("modules.script_callbacks")
-    modules.script_callbacks.on_app_started = lambda callback: None
-    sys.modules.update(
-        {"modules.scripts": modules.scripts, "modules.script_callbacks": modules.script_callbacks}
-    )
-    if "gradio" not in sys.modules:
-        sys.modules["gradio"] = types.ModuleType("gradio")
-    path = __import__("pathlib").Path(__file__).parent.parent / "scripts" / "quadtree_tiled_diffusion.py"
-    spec = importlib.util.spec_from_file_location("quadtree_script_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.IMPORT_ERROR is None, module.IMPORT_ERROR
-    assert module.TITLE == td.settings.TITLE  # the API name WebUI callers use
-    return module.Script()
 
 
 def test_rejected_settings_fail_the_generation_naming_the_argument(k_diffusion, state, init_image):

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 import tiled_diffusion as td
-from tiled_diffusion.settings import PARAMETERS, PARAMETERS_BY_NAME
+from tiled_diffusion.settings import JOB_STRENGTH, PARAMETERS, PARAMETERS_BY_NAME
+from tiled_diffusion.ui import NOTES
+
+from . import fake_a1111 as fake
+from . import fake_webui_infotext as webui_infotext
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -83,7 +90,7 @@ def test_named_api_args_take_defaults_for_omitted_names():
     [
         ("enabled", "args: expected a list"),
         ({"enabled": True}, "args: expected a list"),
-        ([{"enable": True}], "enable: unknown argument"),
+        ([{"enable": True}], "'enable': unknown argument"),
         ([True] + [None] * len(PARAMETERS), f"{len(PARAMETERS) + 1} values given, at most {len(PARAMETERS)}"),
         (["false"], "enabled: 'false' is not allowed"),
         ([True, "MultiDiffusion", "sixty-four"], "detail_threshold: 'sixty-four'"),
@@ -94,31 +101,99 @@ def test_bad_api_args_name_the_argument(args, message):
         td.Settings.from_args(args)
 
 
-def test_infotext_is_flat_scalars_and_reads_back_exactly():
-    settings = td.Settings(
-        enabled=True,
-        method="MultiDiffusion",
-        detail_threshold=72.5,
-        skip_below=200,
-        skip_mode="Keep latent",
-        variable_denoise=True,
-        denoise_largest=0.25,
-        denoise_smallest=0.8,
-    )
-    info = settings.infotext()
+# Every parameter off its default; as most jobs write it, once with variable denoise off.
+JOB = td.Settings(
+    enabled=True,
+    method="MultiDiffusion",
+    detail_threshold=72.5,
+    min_tile=64,
+    max_tile=256,
+    overlap=32,
+    tile_batch=2,
+    skip_below=100,
+    skip_mode="Keep latent",
+    variable_denoise=True,
+    denoise_largest=0.25,
+    denoise_smallest=0.8,
+)
+JOBS = (JOB, dataclasses.replace(JOB, variable_denoise=False))
+
+
+@pytest.fixture
+def scripts(state, monkeypatch):
+    """The script of each tab, its controls built: {tab: (script, controls)}."""
+    monkeypatch.setitem(sys.modules, "gradio", webui_infotext.gradio)
+    built = {}
+    for tab in ("txt2img", "img2img"):
+        script = fake.load_script()
+        built[tab] = script, script.ui(tab == "img2img")
+    return built
+
+
+def run_job(script, tab: str, args):
+    """The job the script starts from these args, as the WebUI runs process(); and its p."""
+    p = fake.processing([Image.new("RGB", (512, 384), "gray")] if tab == "img2img" else None)
+    script.process(p, *args)
+    return script.job, p
+
+
+def job_infotext(script, tab: str, settings: td.Settings) -> str:
+    """The infotext the WebUI writes for a job with these settings."""
+    _, p = run_job(script, tab, settings.as_args())
+    own = {"Steps": 20, "Sampler": "DPM++ 2M", "CFG scale": 7, "Seed": 1, "Size": "512x384"}
+    generation = {**own, "Denoising strength": p.denoising_strength, **p.extra_generation_params}
+    return webui_infotext.write("a photo, detailed", "blurry", {**generation, "Version": "v1.10.1"})
+
+
+def test_infotext_is_flat_scalars():
+    info = JOB.infotext()
     assert all(isinstance(v, (bool, int, float, str)) for v in info.values())
     assert len(set(info)) == len(PARAMETERS)
-    pasted = {key: str(value) for key, value in info.items()}  # PNG Info hands back strings
-    assert td.Settings.from_infotext(pasted) == settings
-    assert td.Settings.from_infotext({}) == td.Settings()
+
+
+@pytest.mark.parametrize("tab", ["txt2img", "img2img"])
+def test_job_infotext_sent_back_through_the_api_or_pasted_gives_the_same_settings(scripts, tab):
+    script, controls = scripts[tab]
+    other = webui_infotext.Component(value=False)  # another script's control, before ours
+    inputs = [None, other, *controls]
+    fields = [(webui_infotext.Component(value=""), "Prompt"), (other, "Other setting")]
+    fields += script.infotext_fields
+    for settings in JOBS:
+        infotext = job_infotext(script, tab, settings)
+        args = webui_infotext.api_script_args(infotext, fields, inputs)
+        assert run_job(script, tab, args[2:])[0].settings == settings, infotext
+        pasted = webui_infotext.paste(infotext, fields)
+        values = [pasted.get(control, control.value) for control in controls]
+        assert run_job(script, tab, values)[0].settings == settings, infotext
+
+
+def test_send_to_img2img_copies_every_setting(scripts):
+    # The WebUI copies the fields whose name is in paste_field_names, compared with ==.
+    (source, sent), (target, received) = scripts["txt2img"], scripts["img2img"]
+    pairs = webui_infotext.send_to(source.infotext_fields, target.infotext_fields, source.paste_field_names)
+    assert pairs == list(zip(sent, received))
 
 
 def test_readme_parameter_table_matches_the_declarations():
-    text = README.read_text()
-    rows = re.findall(r"^\| (\d+) \| `(\w+)` \| (.+?) \| (.+?) \|", text, flags=re.M)
-    assert [(int(i), name) for i, name, _, _ in rows] == list(enumerate(PARAMETERS_BY_NAME))
-    for _, name, default, _ in rows:
-        assert default.strip("` ") == repr_default(PARAMETERS_BY_NAME[name].default)
+    rows = [
+        line.strip("| ").split(" | ")
+        for line in README.read_text().splitlines()
+        if re.match(r"\| \d+ \|", line)
+    ]
+    assert [(int(row[0]), row[1].strip("`")) for row in rows] == list(enumerate(PARAMETERS_BY_NAME))
+    for (_, _, default, allowed, label, key, what), p in zip(rows, PARAMETERS):
+        assert default.strip("`") == repr_default(p.default), p.name
+        assert allowed.replace('"', "'") == p.allowed(), p.name
+        assert (label, key.strip("`"), what) == (p.label, p.infotext_key, p.help), p.name
+
+
+def test_readme_and_ui_note_state_the_job_strength_as_declared():
+    paragraphs = [" ".join(text.split()) for text in README.read_text().split("\n\n")]
+    stating = [text for text in paragraphs if "the job runs at" in text]
+    assert len(stating) == 2, "the variable denoise paragraph and the parameter table"
+    assert all(JOB_STRENGTH in text for text in stating)
+    assert JOB_STRENGTH in PARAMETERS_BY_NAME["variable_denoise"].help
+    assert NOTES["variable denoise"] == JOB_STRENGTH
 
 
 def repr_default(value) -> str:

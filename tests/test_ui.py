@@ -347,3 +347,20 @@ def test_controls_work_inside_the_webui_input_accordion(stack, browser, tmp_path
         page.locator("#quadtree-td-img2img-method").wait_for(state="visible")
         assert "tiles" in click_preview(page)
         page.context.close()
+
+
+@pytest.mark.parametrize("stack", list(STACKS))
+def test_controls_start_at_their_declared_default_and_type(stack):
+    # The WebUI's API converts an infotext value to type(control.value) unless it is one
+    # already; the infotext tests' stand-in controls hold the declared defaults, as these do.
+    python = REPO / f".venv-{stack}" / "bin" / "python"
+    need(python.exists(), f"{python.parent.parent.name} is missing: run .ci/setup-ui")
+    code = (
+        "import gradio as gr\n"
+        "from tiled_diffusion.ui import build_ui\n"
+        "with gr.Blocks():\n"
+        "    print(*(repr(c.value) for c in build_ui(gr)), sep='\\n')\n"
+    )
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([str(python), "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert run.stdout.splitlines() == [repr(p.default) for p in PARAMETERS], run.stderr[-3000:]

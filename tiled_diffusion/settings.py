@@ -13,10 +13,27 @@ from typing import Any
 TITLE = "Quadtree Tiled Diffusion"  # the script's title; its API name is TITLE.lower()
 METHODS = ("MultiDiffusion", "Mixture of Diffusers")
 SKIP_MODES = ("Keep pixels", "Keep latent")
+# What variable denoise does to the job's strength (help text, UI note and README say this).
+JOB_STRENGTH = (
+    "Replaces the img2img denoising strength: the job runs at the largest strength of any tile "
+    "not skipped, that is the larger of the two Denoise values, or 'Denoise at largest tiles' "
+    "when the tiles not skipped are all one size."
+)
+BRIEF = 40  # characters of a bad value or name that an error message quotes
 
 
 class SettingsError(ValueError):
     """A parameter has a wrong type, an out-of-range value or an unknown choice."""
+
+
+def brief_repr(value: Any) -> str:
+    """repr(value) for an error message: a long one cut to a short prefix, with its length."""
+    text = repr(value)
+    if len(text) <= BRIEF:
+        return text
+    if isinstance(value, str):
+        return f"{value[:BRIEF] + '…'!r} ({len(value)} characters)"
+    return f"{text[:BRIEF]}… ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -51,7 +68,7 @@ class Param:
 
     def convert(self, value: Any) -> Any:
         """Check one value and return it as the parameter's type, or raise SettingsError."""
-        bad = SettingsError(f"{self.name}: {value!r} is not allowed; expected {self.allowed()}")
+        bad = SettingsError(f"{self.name}: {brief_repr(value)} is not allowed; expected {self.allowed()}")
         if self.kind is bool:
             if not isinstance(value, bool):
                 raise bad
@@ -72,6 +89,21 @@ class Param:
         if not self.minimum <= value <= self.maximum:
             raise bad
         return value
+
+    def read_infotext(self, params: dict[str, Any]) -> Any:
+        """This parameter's value in parsed generation parameters (strings), or None when absent
+        or unreadable. The WebUI calls this on paste and for the API's `infotext` field; given
+        the key instead, the API would convert the string with the control's type, and
+        bool("False") is True."""
+        raw = params.get(self.infotext_key)
+        if raw is None or self.choices:
+            return raw
+        if self.kind is bool:
+            return {"True": True, "False": False}.get(raw)
+        try:
+            return self.kind(raw)
+        except ValueError:
+            return None
 
 
 PARAMETERS: tuple[Param, ...] = (
@@ -171,8 +203,7 @@ PARAMETERS: tuple[Param, ...] = (
         "Variable denoise",
         False,
         "Give each tile its own denoising strength, from 'Denoise at largest tiles' to "
-        "'Denoise at smallest tiles' by tile size. Replaces the img2img denoising strength: "
-        "the job runs at the larger of the two.",
+        "'Denoise at smallest tiles' by tile size. " + JOB_STRENGTH,
         "variable denoise",
     ),
     Param(
@@ -248,7 +279,9 @@ class Settings:
             named = args[0]
             unknown = [k for k in named if k not in PARAMETERS_BY_NAME]
             if unknown:
-                raise SettingsError(f"{unknown[0]}: unknown argument; known: {', '.join(PARAMETERS_BY_NAME)}")
+                raise SettingsError(
+                    f"{brief_repr(unknown[0])}: unknown argument; known: {', '.join(PARAMETERS_BY_NAME)}"
+                )
             return cls(**named)
         if len(args) > len(PARAMETERS):
             raise SettingsError(
@@ -264,24 +297,6 @@ class Settings:
     def infotext(self) -> dict[str, Any]:
         """Flat scalar infotext entries (never a dict value: the WebUI cuts those at commas)."""
         return {p.infotext_key: getattr(self, p.name) for p in PARAMETERS}
-
-    @classmethod
-    def from_infotext(cls, params: dict[str, Any]) -> Settings:
-        """Settings read back from pasted generation parameters (values arrive as strings)."""
-        values = {}
-        for p in PARAMETERS:
-            if p.infotext_key not in params:
-                continue
-            raw = params[p.infotext_key]
-            if isinstance(raw, str):
-                raw = {"True": True, "False": False}.get(raw, raw) if p.kind is bool else raw
-                if p.kind in (int, float):
-                    try:
-                        raw = float(raw)
-                    except ValueError as error:
-                        raise SettingsError(f"{p.name}: {raw!r} is not a number") from error
-            values[p.name] = raw
-        return cls(**values)
 
 
 assert tuple(f.name for f in fields(Settings)) == tuple(PARAMETERS_BY_NAME), (

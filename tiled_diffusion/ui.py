@@ -14,7 +14,7 @@ from PIL import Image
 from .plan import build_plan
 from .preview import draw_plan, karras_sigmas
 from .quadtree import LATENT_SCALE, to_rgb_array
-from .settings import PARAMETERS, PARAMETERS_BY_NAME, TITLE, Settings, SettingsError
+from .settings import JOB_STRENGTH, PARAMETERS, PARAMETERS_BY_NAME, TITLE, Settings, SettingsError
 
 ELEM_ID = "quadtree-td"  # + the tab: the WebUI builds the script once per tab on one page
 TABS = ("txt2img", "img2img")
@@ -31,10 +31,7 @@ ROWS = {
     "skip": (("skip_below", "skip_mode"),),
     "variable denoise": (("variable_denoise",), ("denoise_largest", "denoise_smallest")),
 }
-NOTES = {
-    "variable denoise": "Replaces the img2img denoising strength: "
-    "the job runs at the larger of the two values.",
-}
+NOTES = {"variable denoise": JOB_STRENGTH}
 
 
 def build_ui(gr, *, tab: str = "img2img", accordion=None, init_image=None, width=None, height=None) -> list:

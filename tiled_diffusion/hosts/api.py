@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..settings import Settings, SettingsError
+from ..settings import Settings, SettingsError, brief_repr
 
 GENERATION_PATHS = ("/sdapi/v1/img2img", "/sdapi/v1/txt2img")
 
@@ -28,7 +28,7 @@ def payload_error(body: bytes, title: str) -> str | None:
         if name.lower() != title.lower():
             continue
         if not isinstance(entry, dict) or "args" not in entry:
-            return f'{title}: expected {{"args": [...]}}, got {json.dumps(entry)[:200]}'
+            return f'{title}: expected {{"args": [...]}}, got {brief_repr(entry)}'
         try:
             Settings.from_args(entry["args"])
         except SettingsError as error:
@@ -57,7 +57,11 @@ class ArgsValidator:
         body = b"".join(chunks)
         error = payload_error(body, self.title)
         if error is not None:
-            content = json.dumps({"error": "SettingsError", "detail": error, "errors": error}).encode()
+            # The shape of the WebUI's own API errors; for an HTTPException it sends the message
+            # in "detail" only ("body" and "errors" are empty), and so does this.
+            content = json.dumps(
+                {"error": "SettingsError", "detail": error, "body": "", "errors": ""}
+            ).encode()
             headers = [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(content)).encode()),
