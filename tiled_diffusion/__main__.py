@@ -63,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
     out = "picture to write (default: %(default)s)"
     preview.add_argument("-o", "--output", metavar="OUT.png", default="quadtree_preview.png", help=out)
     preview.add_argument("--json", metavar="PLAN.json", help="also write the plan as JSON")
-    detail = "draw the tiles over the detail map that decided them (yellow = fine detail) instead of the photo"
+    detail = "draw the tiles over the detail map that decided them (yellow = detail), not the photo"
     preview.add_argument("--detail-map", action="store_true", help=detail)
     return main
 

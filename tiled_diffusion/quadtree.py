@@ -25,6 +25,7 @@ MAX_STRETCH = 4.0
 # about 2 px wide (4-6 px once upscaled), so a few steps or a smooth gradient never split
 # a tile, while a face or text gives 10-40 such lines even in a 512 px tile.
 FLAT_LINES = 8.0
+ROWS_AT_ONCE = 128  # the detail map is computed in bands of rows so temporaries stay in cache
 
 
 @dataclass(frozen=True)
@@ -92,10 +93,28 @@ def detail_density(image) -> np.ndarray:
     texture, text and faces fill whole areas with it.
     """
     rgb = to_rgb_array(image)
-    luma = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    sample = luma[:: max(1, luma.shape[0] // 512), :: max(1, luma.shape[1] // 512)]
+    height, width = rgb.shape[:2]
+    sample = _luminance(rgb[:: max(1, height // 512), :: max(1, width // 512)])
     low, high = np.percentile(sample, [1, 99])
-    luma *= min(255.0 / max(high - low, 1e-6), MAX_STRETCH)
+    gain = min(255.0 / max(high - low, 1e-6), MAX_STRETCH)
+    density = np.empty((height, width), dtype=np.float32)
+    for top in range(0, height, ROWS_AT_ONCE):  # in bands of rows: the temporaries stay in cache
+        first, last = max(top - 1, 0), min(top + ROWS_AT_ONCE + 1, height)
+        change = _change(_luminance(rgb[first:last]) * np.float32(gain))
+        density[top : top + ROWS_AT_ONCE] = change[top - first : top - first + ROWS_AT_ONCE]
+    low, high = DETAIL_RAMP
+    density -= low
+    density *= 1 / (high - low)
+    return np.clip(density, 0.0, 1.0, out=density)
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    return rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def _change(luma: np.ndarray) -> np.ndarray:
+    """A quarter of the absolute differences of each pixel to its four neighbours summed (a
+    neighbour beyond the image border counts as no difference)."""
     change = np.zeros_like(luma)
     across, down = np.abs(np.diff(luma, axis=1)), np.abs(np.diff(luma, axis=0))
     change[:, :-1] += across
@@ -103,8 +122,7 @@ def detail_density(image) -> np.ndarray:
     change[:-1] += down
     change[1:] += down
     change *= 0.25
-    low, high = DETAIL_RAMP
-    return np.clip((change - low) / (high - low), 0.0, 1.0, out=change)
+    return change
 
 
 def detail_grid(image, latent_size: tuple[int, int]) -> np.ndarray:
