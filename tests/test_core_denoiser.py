@@ -32,12 +32,12 @@ def latent(seed: int, rows: int = 1, channels: int = 4) -> torch.Tensor:
 
 
 def window_mask(plan: td.Plan, keep) -> torch.Tensor:
-    """Pixels in the band of at least one window whose leaves pass `keep`."""
+    """Pixels in a band of at least one window whose leaves pass `keep`."""
     mask = torch.zeros(H, W, dtype=torch.bool)
     for window in plan.windows:
         if keep(plan.leaves[window.leaves[0]]):
-            band = window.band
-            mask[band.y : band.y + band.h, band.x : band.x + band.w] = True
+            for band in window.bands:
+                mask[band.y : band.y + band.h, band.x : band.x + band.w] = True
     return mask
 
 

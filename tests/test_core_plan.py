@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 import tiled_diffusion as td
-from tiled_diffusion.plan import start_sigma
+from tiled_diffusion.plan import estimated_work, start_sigma
 
 
 def photo(name: str, longest: int = 1024) -> Image.Image:
@@ -228,6 +229,17 @@ def test_variable_denoise_with_every_tile_skipped_has_no_active_strength():
     assert plan.max_strength == 0
 
 
+def inside(a, b) -> bool:
+    """Whether rectangle a (x, y, w, h attributes) lies inside rectangle b."""
+    return b.x <= a.x and b.y <= a.y and a.x + a.w <= b.x + b.w and a.y + a.h <= b.y + b.h
+
+
+def bounds(regions):
+    x0, y0 = min(r.x for r in regions), min(r.y for r in regions)
+    x1, y1 = max(r.x + r.w for r in regions), max(r.y + r.h for r in regions)
+    return SimpleNamespace(x=x0, y=y0, w=x1 - x0, h=y1 - y0)
+
+
 def union(plan: td.Plan, window: td.Window) -> tuple[int, int, int, int]:
     """The bounding box (x, y, w, h) of a window's leaves."""
     leaves = [plan.leaves[i] for i in window.leaves]
@@ -242,7 +254,7 @@ def test_window_bands_grow_by_the_overlap_and_stop_at_the_border():
     assert len(plan.windows) == 4
     for window in plan.windows:
         x, y, w, h = union(plan, window)
-        band = window.band
+        (band,) = window.bands
         assert (band.x, band.y) == (max(x - 8, 0), max(y - 8, 0))
         assert (band.x + band.w, band.y + band.h) == (min(x + w + 8, 128), min(y + h + 8, 128))
         assert (window.x, window.y, window.w, window.h) == (band.x, band.y, band.w, band.h)
@@ -252,11 +264,12 @@ def test_overlap_is_capped_at_a_quarter_of_the_tile():
     settings = td.Settings(min_tile=64, max_tile=128, overlap=256, min_window=0)
     plan = td.build_plan(noise_image(1024, 1024), settings, latent_size=(128, 128))
     for window in plan.windows:
-        x, y, w, h = union(plan, window)
-        reach = min(w, h) // 4
-        assert reach < 256 // 8
-        left, right = max(x - reach, 0), min(x + w + reach, 128)
-        assert (window.band.x, window.band.w) == (left, right - left)
+        for band in window.bands:
+            group = bounds([leaf for leaf in (plan.leaves[i] for i in window.leaves) if inside(leaf, band)])
+            reach = min(group.w, group.h) // 4
+            assert 0 < reach < 256 // 8
+            left, right = max(group.x - reach, 0), min(group.x + group.w + reach, 128)
+            assert (band.x, band.w) == (left, right - left)
 
 
 def test_every_leaf_is_in_one_window_of_its_own_strength_and_skip_state():
@@ -268,8 +281,8 @@ def test_every_leaf_is_in_one_window_of_its_own_strength_and_skip_state():
     for window in plan.windows:
         states = {(plan.leaves[i].strength, plan.leaves[i].skipped) for i in window.leaves}
         assert len(states) == 1
-        x, y, w, h = union(plan, window)
-        assert w * h == sum(plan.leaves[i].w * plan.leaves[i].h for i in window.leaves), "a rectangle"
+        for leaf in (plan.leaves[i] for i in window.leaves):
+            assert any(inside(leaf, band) for band in window.bands), "its result comes from its window"
 
 
 def test_tiles_of_one_strength_share_windows_up_to_max_tile():
@@ -287,9 +300,21 @@ def test_small_tiles_are_denoised_in_a_view_of_at_least_min_window(min_window):
     plan = td.build_plan(image, settings, latent_size=latent_of(image), sigmas=karras(20))
     side = min(min_window // 8, 128)
     for window in plan.windows:
-        band = window.band
-        assert window.w >= max(band.w, side) and window.h >= max(band.h, side)
-        assert window.w == max(band.w, side) and window.h == max(band.h, side), "no larger than needed"
-        assert window.x <= band.x and band.x + band.w <= window.x + window.w
-        assert window.y <= band.y and band.y + band.h <= window.y + window.h
+        box = bounds(window.bands)
+        assert window.w == max(box.w, side) and window.h == max(box.h, side), "as large as needed, no more"
+        assert all(inside(band, window) for band in window.bands)
         assert 0 <= window.x and window.x + window.w <= 128 and 0 <= window.y and window.y + window.h <= 128
+
+
+@pytest.mark.parametrize("name", ["astronaut", "camera", "coffee"])
+@pytest.mark.parametrize("side", [1024, 2048])
+@pytest.mark.parametrize("variable", [False, True])
+def test_skipping_tiles_never_adds_model_work(name, side, variable):
+    image = photo(name, longest=side)
+    work = []
+    for skip_below in (0, 129, 257):
+        settings = td.Settings(skip_below=skip_below, min_tile=64, variable_denoise=variable)
+        plan = td.build_plan(image, settings, latent_of(image), sigmas=karras(20))
+        calls = int(min(plan.max_strength, 0.999) * 20) + 1  # the job's calls at its own strength
+        work.append(estimated_work(plan) * calls)
+    assert work[0] >= work[1] >= work[2], work

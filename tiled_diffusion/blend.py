@@ -35,10 +35,9 @@ def weight_sum(plan, keep=lambda leaf: True) -> torch.Tensor:
     total = torch.zeros(plan.latent_size)
     for window in plan.windows:
         if keep(plan.leaves[window.leaves[0]]):
-            band = window.band
-            total[band.y : band.y + band.h, band.x : band.x + band.w] += window_weights(
-                plan.settings.method, band.h, band.w
-            )
+            for band in window.bands:
+                weights = window_weights(plan.settings.method, band.h, band.w)
+                total[band.y : band.y + band.h, band.x : band.x + band.w] += weights
     return total
 
 

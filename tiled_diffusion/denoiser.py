@@ -24,7 +24,7 @@ class TiledDenoiser:
     `row_images(x, B)` says which image of the original each row of x belongs to; by
     default row i belongs to image i % B (a host with another row layout passes its own).
 
-    Each active window is denoised by `model` over its view, and its band takes part in
+    Each active window is denoised by `model` over its view, and its bands take part in
     the blend; inactive (skipped or not yet started) tiles return the clean `original`,
     which keeps them exactly on the re-noised original under every sampler. The result is
 
@@ -87,13 +87,13 @@ class TiledDenoiser:
                 raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(crops.shape)}")
             self.stats["model_calls"] += 1
             for j, w in enumerate(batch):
-                b = w.band
-                region = (slice(None), slice(None), slice(b.y, b.y + b.h), slice(b.x, b.x + b.w))
-                in_view = (slice(b.y - w.y, b.y - w.y + b.h), slice(b.x - w.x, b.x - w.x + b.w))
-                denoised = out[j * rows : (j + 1) * rows, :, in_view[0], in_view[1]].float()
-                if original is not None:
-                    denoised = denoised - original[region]
-                acc[region] += denoised * weights[(b.h, b.w)]
+                for b in w.bands:
+                    region = (slice(None), slice(None), slice(b.y, b.y + b.h), slice(b.x, b.x + b.w))
+                    in_view = (slice(b.y - w.y, b.y - w.y + b.h), slice(b.x - w.x, b.x - w.x + b.w))
+                    denoised = out[j * rows : (j + 1) * rows, :, in_view[0], in_view[1]].float()
+                    if original is not None:
+                        denoised = denoised - original[region]
+                    acc[region] += denoised * weights[(b.h, b.w)]
                 self.stats["evaluated_pixels"] += w.w * w.h
             done += len(batch)
             if self.progress:
@@ -107,7 +107,7 @@ class TiledDenoiser:
         """Weight maps, their sum over all windows and the original, moved once per device."""
         if device not in self._device_cache:
             method = self.plan.settings.method
-            shapes = {(w.band.h, w.band.w) for w in self.plan.windows}
+            shapes = {(b.h, b.w) for w in self.plan.windows for b in w.bands}
             weights = {s: window_weights(method, *s).to(device) for s in shapes}
             original = None if self.original is None else self.original.to(device, torch.float32)
             self._device_cache[device] = (weights, weight_sum(self.plan).to(device), original)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 
 import torch
 
@@ -37,18 +37,18 @@ class Leaf:
 
 @dataclass(frozen=True)
 class Window:
-    """What the model sees for a group of leaves of one strength, and where its result goes.
+    """What the model sees for leaves of one strength and skip state, and where its result goes.
 
-    The model denoises the view (x, y, w, h); only the band (the leaves' region grown by
-    the overlap) takes part in the blend, so a view grown for context never overrides
-    the windows that own the pixels around it.
+    The model denoises the view (x, y, w, h); only the bands (each a group of the leaves
+    grown by the overlap) take part in the blend, so a view grown for context never
+    overrides the windows that own the pixels around it.
     """
 
     x: int
     y: int
     w: int
     h: int
-    band: Region  # blended part, in latent pixels of the whole image; inside the view
+    bands: tuple[Region, ...]  # blended parts, in latent pixels of the whole image; inside the view
     leaves: tuple[int, ...]  # indices into Plan.leaves, all of one strength and skip state
 
 
@@ -114,7 +114,10 @@ class Plan:
             "pixel_size": {"width": width * LATENT_SCALE, "height": height * LATENT_SCALE},
             "settings": {name: getattr(self.settings, name) for name in self.settings.__dataclass_fields__},
             "leaves": [leaf_json(leaf) for leaf in self.leaves],
-            "windows": [{**_box(w), "band": _box(w.band), "leaves": list(w.leaves)} for w in self.windows],
+            "windows": [
+                {**_box(w), "bands": [_box(b) for b in w.bands], "leaves": list(w.leaves)}
+                for w in self.windows
+            ],
             "summary": self.summary(),
             "notes": list(self.notes),
         }
@@ -201,10 +204,15 @@ def build_plan(
         notes.append(NO_SCHEDULE_NOTE)
     index = {node.region: i for i, node in enumerate(nodes)}
     groups = _groups(root, index, leaves, settings.max_tile // scale)
-    windows = [
-        _window(region, members, settings.overlap // scale, settings.min_window // scale, width, height)
-        for region, members in groups
-    ]
+    windows = _windows(
+        groups,
+        leaves,
+        settings.overlap // scale,
+        settings.min_window // scale,
+        settings.max_tile // scale,
+        width,
+        height,
+    )
     return Plan(leaves, windows, (height, width), settings, notes)
 
 
@@ -229,21 +237,66 @@ def _checked_sigmas(sigmas) -> torch.Tensor:
     return sigmas
 
 
-def _window(region: Region, members: tuple, overlap: int, min_view: int, width: int, height: int) -> Window:
-    """The window of one group of leaves.
+def _windows(
+    groups: list[tuple[Region, tuple]],
+    leaves: list[Leaf],
+    overlap: int,
+    min_view: int,
+    max_side: int,
+    width: int,
+    height: int,
+) -> list[Window]:
+    """The windows of the groups: groups of one state packed together where that costs no more.
 
-    Band: the group's region grown by the overlap (at most a quarter of its shorter side,
-    so a small tile's blend band stays in proportion) and cut at the image border. View:
-    the band, grown around its centre to at least min_view per side (as far as the image
-    allows) so that the model sees enough of the picture around a small tile.
+    Band: a group's region grown by the overlap (at most a quarter of its shorter side, so
+    a small tile's blend band stays in proportion), cut at the image border. View: the
+    bands' bounding box grown about its centre to at least min_view per side, as far as
+    the image allows, so the model sees enough of the picture around small tiles. Groups
+    of one strength and skip state share a window when its view is no larger than their
+    separate views together (and no larger than a max_tile window): small tiles scattered
+    between skipped ones would otherwise each pay for a whole view of their own.
     """
-    overlap = min(overlap, min(region.w, region.h) // 4)
-    x0, y0 = max(region.x - overlap, 0), max(region.y - overlap, 0)
-    x1, y1 = min(region.x + region.w + overlap, width), min(region.y + region.h + overlap, height)
-    band = Region(x0, y0, x1 - x0, y1 - y0)
-    x, w = _grown(band.x, band.w, min_view, width)
-    y, h = _grown(band.y, band.h, min_view, height)
-    return Window(x, y, w, h, band, members)
+    largest = max_side + 2 * overlap  # a view never larger than a window of max_tile would be
+    packed: list[tuple[tuple, list[Region], list[int]]] = []
+    for region, members in groups:
+        reach = min(overlap, min(region.w, region.h) // 4)
+        x0, y0 = max(region.x - reach, 0), max(region.y - reach, 0)
+        x1, y1 = min(region.x + region.w + reach, width), min(region.y + region.h + reach, height)
+        band = Region(x0, y0, x1 - x0, y1 - y0)
+        state = (leaves[members[0]].strength, leaves[members[0]].skipped)
+        alone = _view([band], min_view, width, height)
+        for same, bands, indices in packed:
+            if same != state:
+                continue
+            apart = _view(bands, min_view, width, height)
+            joined = _view(bands + [band], min_view, width, height)
+            if (
+                max(joined.w, joined.h) <= largest
+                and joined.w * joined.h <= apart.w * apart.h + alone.w * alone.h
+            ):
+                bands.append(band)
+                indices.extend(members)
+                break
+        else:
+            packed.append((state, [band], list(members)))
+    return [
+        Window(*astuple(_view(bands, min_view, width, height)), tuple(bands), tuple(indices))
+        for _, bands, indices in packed
+    ]
+
+
+def _view(bands: list[Region], min_view: int, width: int, height: int) -> Region:
+    """The bands' bounding box grown about its centre to at least min_view, inside the image."""
+    box = _bounds(bands)
+    x, w = _grown(box.x, box.w, min_view, width)
+    y, h = _grown(box.y, box.h, min_view, height)
+    return Region(x, y, w, h)
+
+
+def _bounds(regions: list[Region]) -> Region:
+    x0, y0 = min(r.x for r in regions), min(r.y for r in regions)
+    x1, y1 = max(r.x + r.w for r in regions), max(r.y + r.h for r in regions)
+    return Region(x0, y0, x1 - x0, y1 - y0)
 
 
 def _grown(start: int, size: int, least: int, limit: int) -> tuple[int, int]:
