@@ -63,16 +63,22 @@ class Script(scripts.Script):
             gr.HTML(f"<pre>{TITLE} could not load:\n{IMPORT_ERROR}</pre>")
             return []
         tab = "img2img" if is_img2img else "txt2img"
-        components = build_ui(
-            gr,
-            tab=tab,
-            accordion=InputAccordion,
-            init_image=self.sources.get("forge_init_image", self.sources.get("img2img_image"))
-            if is_img2img
-            else None,
-            width=self.sources.get(f"{tab}_width"),
-            height=self.sources.get(f"{tab}_height"),
-        )
+        try:
+            components = build_ui(
+                gr,
+                tab=tab,
+                accordion=InputAccordion,
+                init_image=self.sources.get("forge_init_image", self.sources.get("img2img_image"))
+                if is_img2img
+                else None,
+                width=self.sources.get(f"{tab}_width"),
+                height=self.sources.get(f"{tab}_height"),
+            )
+        except Exception:  # noqa: BLE001 - with --api, a script's ui() that raises stops the WebUI
+            error = traceback.format_exc()
+            print(f"{TITLE} could not build its controls:\n{error}", file=sys.stderr)
+            gr.HTML(f"<pre>{TITLE} could not build its controls:\n{error}</pre>")
+            return []
         # PNG Info, "Send to" and the API's `infotext` field restore every setting. A function
         # reads each value (the WebUI calls it on paste and in the API): given the key, the API
         # would convert the string with the control's type, and bool("False") is True.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import types
 from types import SimpleNamespace
 
 import numpy as np
@@ -192,6 +194,18 @@ def test_txt2img_without_hires_denoises_every_tile_and_says_why(k_diffusion, sta
     stats = hook.denoiser.stats
     assert stats["calls"] == p.steps
     assert stats["evaluated_pixels"] == p.steps * sum(w.w * w.h for w in job.plan.windows)
+
+
+def test_controls_that_fail_to_build_never_stop_the_webui(state, monkeypatch):
+    shown = []
+    gradio = types.ModuleType("gradio")  # no Accordion, Slider, ...: building the controls fails
+    gradio.HTML = shown.append
+    monkeypatch.setitem(sys.modules, "gradio", gradio)
+    script = fake.load_script()
+    assert script.ui(True) == []
+    assert "could not build its controls" in shown[0] and "AttributeError" in shown[0]
+    script.process(fake.processing([Image.new("RGB", (W, H))], W, H, 1))  # no args: the UI had none
+    assert script.job is None
 
 
 @pytest.mark.parametrize("failure", ["exception on step 3", "interrupt"])
