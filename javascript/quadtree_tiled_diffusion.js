@@ -15,7 +15,9 @@
         "variable_denoise": "Give each tile its own denoising strength, from 'Denoise at largest tiles' to 'Denoise at smallest tiles' by tile size. Replaces the img2img denoising strength: the job runs at the largest strength of any tile not skipped, that is the larger of the two Denoise values, or 'Denoise at largest tiles' when the tiles not skipped are all one size.",
         "denoise_largest": "Denoising strength of the largest tiles (flat regions).",
         "denoise_smallest": "Denoising strength of the smallest tiles (detailed regions).",
-        "min_window": "Smallest side of the model's view, in pixels: a smaller tile is denoised inside a window this large so the model sees the picture around it (only the tile and its overlap take the result). Neighbouring tiles of one strength share a window."
+        "min_window": "Smallest side of the model's view, in pixels: a smaller tile is denoised inside a window this large so the model sees the picture around it (only the tile and its overlap take the result). Neighbouring tiles of one strength share a window.",
+        "upscaler": "img2img: upscale every init image by 'Scale factor' with this WebUI upscaler before the job, which then runs at the upscaled size. 'None' = no upscale step (the job keeps its width and height).",
+        "scale_factor": "How much the upscaler enlarges the init image: the job's size is the image's size times this, rounded down to a multiple of 8 px. Used only with an Upscaler."
     };
 
     function addTooltips() {

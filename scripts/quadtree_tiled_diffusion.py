@@ -33,6 +33,7 @@ class Script(scripts.Script):
     def __init__(self):
         super().__init__()
         self.job = None
+        self.upscale_step = None
         self.sources = {}  # the init image and size controls of this tab, for Preview tiles
         for elem_id in (
             "img2img_image",
@@ -73,6 +74,7 @@ class Script(scripts.Script):
                 else None,
                 width=self.sources.get(f"{tab}_width"),
                 height=self.sources.get(f"{tab}_height"),
+                upscalers=webui.upscaler_names(),
             )
         except Exception:  # noqa: BLE001 - with --api, a script's ui() that raises stops the WebUI
             error = traceback.format_exc()
@@ -85,6 +87,12 @@ class Script(scripts.Script):
         self.infotext_fields = [(c, p.read_infotext) for c, p in zip(components, PARAMETERS)]
         self.paste_field_names = [p.read_infotext for p in PARAMETERS]  # "Send to" matches these by ==
         return components
+
+    def before_process(self, p, *args):
+        if IMPORT_ERROR:
+            return
+        # Before the WebUI resizes the init images and before any script's process().
+        self.upscale_step = webui.upscale(p, args)
 
     def process(self, p, *args):
         if IMPORT_ERROR:
@@ -102,10 +110,13 @@ class Script(scripts.Script):
             self.job.postprocess_image(p, pp)
 
     def postprocess(self, p, processed, *args):
+        if self.upscale_step is not None:
+            self.upscale_step.undo()  # the user's width, height and init images for the next job
+            self.upscale_step = None
         if self.job is not None:
             self.job.finish()
             self.job = None
 
 
 if not IMPORT_ERROR:
-    script_callbacks.on_app_started(lambda demo, app: api.add_validator(app, TITLE))
+    script_callbacks.on_app_started(lambda demo, app: api.add_validator(app, TITLE, webui.upscaler_names))

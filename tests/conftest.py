@@ -68,9 +68,12 @@ def state(monkeypatch):
     modules = types.ModuleType("modules")
     modules.shared = types.ModuleType("modules.shared")
     modules.shared.state = tracked
+    modules.shared.sd_upscalers = UPSCALERS
+    modules.images = types.ModuleType("modules.images")
+    modules.images.resize_image = resize_image
     modules.sd_samplers_common = types.ModuleType("modules.sd_samplers_common")
     modules.sd_samplers_common.InterruptedException = InterruptedException
-    for name in ("shared", "sd_samplers_common"):
+    for name in ("shared", "images", "sd_samplers_common"):
         monkeypatch.setitem(sys.modules, f"modules.{name}", getattr(modules, name))
     monkeypatch.setitem(sys.modules, "modules", modules)
     return tracked
@@ -78,3 +81,56 @@ def state(monkeypatch):
 
 class InterruptedException(BaseException):
     """A1111's sd_samplers_common.InterruptedException (a BaseException there too)."""
+
+
+class Upscaler:
+    """An entry of A1111's shared.sd_upscalers: a name and a scaler whose upscale() enlarges by
+    `scale` to a size rounded down to 8 px, as modules/upscaler.py does. Records its calls."""
+
+    def __init__(self, name: str, resample):
+        self.name, self.resample, self.data_path, self.calls = name, resample, None, []
+        self.scaler = self
+
+    def upscale(self, image, scale, data_path):
+        self.calls.append((image.size, scale))
+        size = (int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8))
+        return image.resize(size, self.resample)
+
+
+def _upscalers() -> list:
+    from PIL import Image
+
+    return [
+        Upscaler("None", Image.Resampling.LANCZOS),
+        Upscaler("Lanczos", Image.Resampling.LANCZOS),
+        Upscaler("Nearest", Image.Resampling.NEAREST),
+    ]
+
+
+UPSCALERS = _upscalers()
+
+
+def resize_image(resize_mode, im, width, height, upscaler_name=None):
+    """The behaviour of A1111 1.10's modules.images.resize_image for modes 0 (stretch to the
+    size) and 1 (scale to cover it, centre, crop the rest): enlarging goes through the named
+    upscaler and then Lanczos to the exact size, shrinking is Lanczos."""
+    from PIL import Image
+
+    def scaled(image, w, h):
+        factor = max(w / image.width, h / image.height)
+        if upscaler_name not in (None, "None") and image.mode != "L" and factor > 1.0:
+            upscaler = next((u for u in UPSCALERS if u.name == upscaler_name), UPSCALERS[0])
+            image = upscaler.scaler.upscale(image, factor, upscaler.data_path)
+        return image if image.size == (w, h) else image.resize((w, h), Image.Resampling.LANCZOS)
+
+    if resize_mode == 0:
+        return scaled(im, width, height)
+    if resize_mode != 1:
+        raise NotImplementedError("the tests use resize modes 0 and 1")
+    if width / height > im.width / im.height:
+        inner = (width, im.height * width // im.width)
+    else:
+        inner = (im.width * height // im.height, height)
+    out = Image.new("RGB", (width, height))
+    out.paste(scaled(im, *inner), box=(width // 2 - inner[0] // 2, height // 2 - inner[1] // 2))
+    return out

@@ -41,7 +41,19 @@ class Component:
 
 
 gradio = types.ModuleType("gradio")
-for _name in ("Accordion", "Group", "Row", "Checkbox", "Radio", "Slider", "Markdown", "Button", "Image"):
+CONTROLS = (
+    "Accordion",
+    "Group",
+    "Row",
+    "Checkbox",
+    "Radio",
+    "Dropdown",
+    "Slider",
+    "Markdown",
+    "Button",
+    "Image",
+)
+for _name in CONTROLS:
     setattr(gradio, _name, Component)
 
 

@@ -162,7 +162,7 @@ def test_validator_can_be_added_to_an_app_that_already_serves():
 
     app = App()
     add_validator(app, TITLE)
-    assert app.added == [(ArgsValidator, {"title": TITLE})]
+    assert app.added == [(ArgsValidator, {"title": TITLE, "upscalers": None})]
 
 
 def test_default_args_list_is_valid():

@@ -71,11 +71,27 @@ def test_max_tile_must_be_twice_min_tile():
 
 
 def test_positional_api_args_follow_the_declared_order():
-    args = [True, "MultiDiffusion", 50, 64, 256, 32, 2, 100, "Keep latent", True, 0.2, 0.6, 320]
+    args = [
+        True,
+        "MultiDiffusion",
+        50,
+        64,
+        256,
+        32,
+        2,
+        100,
+        "Keep latent",
+        True,
+        0.2,
+        0.6,
+        320,
+        "Lanczos",
+        1.5,
+    ]
     settings = td.Settings.from_args(args)
     assert settings.as_args() == args
     older = td.Settings.from_args(args[:12])  # the API list before min_window was added
-    assert older.as_args() == args[:12] + [td.Settings().min_window]
+    assert older.as_args() == args[:12] + td.Settings().as_args()[12:]
     short = td.Settings.from_args([True, "MultiDiffusion"])
     assert short.enabled and short.method == "MultiDiffusion" and short.min_tile == td.Settings().min_tile
 

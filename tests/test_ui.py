@@ -279,13 +279,19 @@ def test_accordion_opens_and_closes_and_enabled_toggles(page):
 def test_sliders_carry_the_range_step_and_default_of_their_parameter(page):
     open_accordion(page)
     for p in PARAMETERS:
-        if p.choices or p.kind is bool:
+        if p.choices or p.names or p.kind is bool:
             continue
         for kind in ("number", "range"):
             field = page.locator(f"#quadtree-td-img2img-{p.name} input[type={kind}]")
             got = [float(field.get_attribute(a)) for a in ("min", "max", "step")]
             assert got == [p.minimum, p.maximum, p.step], (p.name, kind)
             assert float(field.input_value()) == p.default, (p.name, kind)
+
+
+def test_the_upscaler_is_a_dropdown_at_none(page):
+    open_accordion(page)
+    dropdown = page.locator("#quadtree-td-img2img-upscaler input").first
+    assert dropdown.input_value() == "None"
 
 
 def test_radios_offer_the_choices_of_their_parameter(page):

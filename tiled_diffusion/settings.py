@@ -42,11 +42,12 @@ class Param:
     label: str
     default: Any
     help: str
-    group: str  # "tiles", "skip" or "variable denoise": how the UI groups controls
+    group: str  # "tiles", "skip", "variable denoise" or "upscale": how the UI groups controls
     minimum: float | None = None
     maximum: float | None = None
     step: float | None = None
     choices: tuple[str, ...] | None = None
+    names: str | None = None  # a text parameter whose choices only the host knows: what they are
 
     @property
     def kind(self) -> type:
@@ -59,6 +60,8 @@ class Param:
     def allowed(self) -> str:
         if self.choices:
             return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.names:
+            return self.names
         if self.kind is bool:
             return "true or false"
         text = f"{'an integer' if self.kind is int else 'a number'} from {self.minimum:g} to {self.maximum:g}"
@@ -73,10 +76,10 @@ class Param:
             if not isinstance(value, bool):
                 raise bad
             return value
-        if self.choices:
-            if value not in self.choices:
+        if self.choices or self.names:
+            if not isinstance(value, str) or not value or (self.choices and value not in self.choices):
                 raise bad
-            return value
+            return value  # a host-known name: the host checks it (hosts/webui.py)
         # Numbers: gradio sliders hand back floats such as 128.0 for integer parameters.
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise bad
@@ -96,7 +99,7 @@ class Param:
         the key instead, the API would convert the string with the control's type, and
         bool("False") is True."""
         raw = params.get(self.infotext_key)
-        if raw is None or self.choices:
+        if raw is None or self.kind is str:
             return raw
         if self.kind is bool:
             return {"True": True, "False": False}.get(raw)
@@ -238,6 +241,27 @@ PARAMETERS: tuple[Param, ...] = (
         2048,
         8,
     ),
+    Param(
+        "upscaler",
+        "Upscaler",
+        "None",
+        "img2img: upscale every init image by 'Scale factor' with this WebUI upscaler before the "
+        "job, which then runs at the upscaled size. 'None' = no upscale step (the job keeps its "
+        "width and height).",
+        "upscale",
+        names="the name of one of the WebUI upscalers, or 'None'",
+    ),
+    Param(
+        "scale_factor",
+        "Scale factor",
+        2.0,
+        "How much the upscaler enlarges the init image: the job's size is the image's size times "
+        "this, rounded down to a multiple of 8 px. Used only with an Upscaler.",
+        "upscale",
+        1.0,
+        8.0,
+        0.05,
+    ),
 )
 
 PARAMETERS_BY_NAME = {p.name: p for p in PARAMETERS}
@@ -260,6 +284,8 @@ class Settings:
     denoise_largest: float = PARAMETERS_BY_NAME["denoise_largest"].default
     denoise_smallest: float = PARAMETERS_BY_NAME["denoise_smallest"].default
     min_window: int = PARAMETERS_BY_NAME["min_window"].default
+    upscaler: str = PARAMETERS_BY_NAME["upscaler"].default
+    scale_factor: float = PARAMETERS_BY_NAME["scale_factor"].default
 
     def __post_init__(self) -> None:
         for p in PARAMETERS:
@@ -289,6 +315,16 @@ class Settings:
                 f"({', '.join(PARAMETERS_BY_NAME)})"
             )
         return cls(**{p.name: v for p, v in zip(PARAMETERS, args)})
+
+    def check_upscaler(self, names: list[str] | None) -> Settings:
+        """These settings, once their upscaler is known to be one of the host's `names`
+        (None: the names are not known here, as outside a WebUI)."""
+        if self.upscaler != "None" and names is not None and self.upscaler not in names:
+            raise SettingsError(
+                f"upscaler: {brief_repr(self.upscaler)} is not allowed; expected one of "
+                + ", ".join(repr(name) for name in names)
+            )
+        return self
 
     def as_args(self) -> list[Any]:
         """The positional API list for these settings."""

@@ -30,11 +30,14 @@ ROWS = {
     ),
     "skip": (("skip_below", "skip_mode"),),
     "variable denoise": (("variable_denoise",), ("denoise_largest", "denoise_smallest")),
+    "upscale": (("upscaler", "scale_factor"),),
 }
 NOTES = {"variable denoise": JOB_STRENGTH}
 
 
-def build_ui(gr, *, tab: str = "img2img", accordion=None, init_image=None, width=None, height=None) -> list:
+def build_ui(
+    gr, *, tab: str = "img2img", accordion=None, init_image=None, width=None, height=None, upscalers=None
+) -> list:
     """Build the controls inside the current gradio Blocks; return them in PARAMETERS order.
 
     tab: "txt2img" or "img2img". Element ids carry it (quadtree-td-img2img-min_tile): the
@@ -43,6 +46,8 @@ def build_ui(gr, *, tab: str = "img2img", accordion=None, init_image=None, width
     accordion: the WebUI's InputAccordion class (A1111 1.7+, Forge), whose accordion is the
         enabled checkbox itself; None builds a plain gr.Accordion with a checkbox inside.
     init_image, width, height: the host's components the preview reads, where they exist.
+    upscalers: the names of the host's upscalers (the Upscaler choices); the upscale step is
+        img2img's, so its controls are hidden in txt2img (they stay in the args list).
     """
     controls = {}
     prefix = f"{ELEM_ID}-{tab}"
@@ -58,11 +63,11 @@ def build_ui(gr, *, tab: str = "img2img", accordion=None, init_image=None, width
         enabled = PARAMETERS_BY_NAME["enabled"]
         controls["enabled"] = box if accordion is not None else _control(gr, enabled, elem_id(enabled.name))
         for group, rows in ROWS.items():
-            with gr.Group():
+            with gr.Group(visible=group != "upscale" or tab == "img2img"):
                 for row in rows:
                     with gr.Row():
                         for name in row:
-                            controls[name] = _control(gr, PARAMETERS_BY_NAME[name], elem_id(name))
+                            controls[name] = _control(gr, PARAMETERS_BY_NAME[name], elem_id(name), upscalers)
             if group in NOTES:
                 gr.Markdown(NOTES[group], elem_id=elem_id(group.replace(" ", "_") + "-note"))
         with gr.Row():
@@ -85,8 +90,11 @@ def build_ui(gr, *, tab: str = "img2img", accordion=None, init_image=None, width
     return components
 
 
-def _control(gr, p, elem_id: str):
-    """The gradio control of one parameter: slider, radio or checkbox."""
+def _control(gr, p, elem_id: str, upscalers=None):
+    """The gradio control of one parameter: slider, radio, dropdown or checkbox."""
+    if p.names:  # the host's upscalers
+        names = list(upscalers or [p.default])
+        return gr.Dropdown(names, value=p.default, label=p.label, elem_id=elem_id)
     if p.choices:
         return gr.Radio(list(p.choices), value=p.default, label=p.label, elem_id=elem_id)
     if p.kind is bool:
@@ -116,6 +124,8 @@ def preview_tiles(image, width, height, *values, show_detail=False) -> tuple[Ima
         return None, _escape(f"Settings error: {error}")
     except ValueError as error:  # an image the plan cannot read: empty, NaN, an odd shape
         return None, _escape(f"Image error: {error}")
+    if settings.upscaler != "None":  # the job runs at the upscaled size (Lanczos stands in here)
+        width, height = (own * settings.scale_factor for own in image.size)
     width, height = (_job_side(side or own) for side, own in ((width, image.width), (height, image.height)))
     image = image.resize((width, height), Image.Resampling.LANCZOS)  # "Just resize", as the job does
     sigmas = karras_sigmas(PREVIEW_STEPS) if settings.variable_denoise else None

@@ -8,6 +8,7 @@ answers 422 naming the bad argument instead; the request never reaches the handl
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from ..settings import Settings, SettingsError, brief_repr
@@ -15,8 +16,10 @@ from ..settings import Settings, SettingsError, brief_repr
 GENERATION_PATHS = ("/sdapi/v1/img2img", "/sdapi/v1/txt2img")
 
 
-def payload_error(body: bytes, title: str) -> str | None:
-    """What is wrong with this request's args for the script `title`, or None."""
+def payload_error(body: bytes, title: str, upscalers: Callable[[], list[str]] | None = None) -> str | None:
+    """What is wrong with this request's args for the script `title`, or None.
+
+    upscalers: gives the names of the WebUI's upscalers (they can change while it runs)."""
     try:
         payload = json.loads(body or b"null")
     except ValueError:
@@ -30,7 +33,7 @@ def payload_error(body: bytes, title: str) -> str | None:
         if not isinstance(entry, dict) or "args" not in entry:
             return f'{title}: expected {{"args": [...]}}, got {brief_repr(entry)}'
         try:
-            Settings.from_args(entry["args"])
+            Settings.from_args(entry["args"]).check_upscaler(upscalers() if upscalers else None)
         except SettingsError as error:
             return f"{title}: {error}"
     return None
@@ -39,8 +42,8 @@ def payload_error(body: bytes, title: str) -> str | None:
 class ArgsValidator:
     """ASGI middleware: 422 for a generation request whose args for `title` are invalid."""
 
-    def __init__(self, app: Any, title: str):
-        self.app, self.title = app, title
+    def __init__(self, app: Any, title: str, upscalers: Callable[[], list[str]] | None = None):
+        self.app, self.title, self.upscalers = app, title, upscalers
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in GENERATION_PATHS:
@@ -55,7 +58,7 @@ class ArgsValidator:
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        error = payload_error(body, self.title)
+        error = payload_error(body, self.title, self.upscalers)
         if error is not None:
             # The shape of the WebUI's own API errors; for an HTTPException it sends the message
             # in "detail" only ("body" and "errors" are empty), and so does this.
@@ -81,11 +84,11 @@ class ArgsValidator:
         await self.app(scope, replay, send)
 
 
-def add_validator(app: Any, title: str) -> None:
+def add_validator(app: Any, title: str, upscalers: Callable[[], list[str]] | None = None) -> None:
     """Put the validator in front of a FastAPI/Starlette app, even one already serving.
 
     Starlette builds its middleware stack once; clearing it makes the next request build
     it again with this middleware (the WebUI resets it the same way for its own).
     """
     app.middleware_stack = None
-    app.add_middleware(ArgsValidator, title=title)
+    app.add_middleware(ArgsValidator, title=title, upscalers=upscalers)

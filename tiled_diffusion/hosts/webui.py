@@ -117,15 +117,81 @@ class RejectedJob(_HookedJob):
 
 def start(p: Any, args: tuple) -> Job | RejectedJob | None:
     """The job for these script args, or None when the extension is off."""
+    try:
+        settings = _settings(args)
+    except SettingsError as error:
+        return RejectedJob(error)
+    return Job(settings, p) if settings.enabled else None
+
+
+def _settings(args: tuple) -> Settings:
     args = list(args)
     if args and isinstance(args[0], dict):
         # Named API args: the WebUI pads the one-dict list with the UI's defaults.
         args = args[:1]
+    return Settings.from_args(args).check_upscaler(upscaler_names())
+
+
+def upscaler_names() -> list[str] | None:
+    """The names of the WebUI's upscalers (None outside a WebUI)."""
     try:
-        settings = Settings.from_args(args)
-    except SettingsError as error:
-        return RejectedJob(error)
-    return Job(settings, p) if settings.enabled else None
+        from modules import shared
+    except ImportError:
+        return None
+    return [upscaler.name for upscaler in shared.sd_upscalers]
+
+
+class UpscaleStep:
+    """img2img: every init image upscaled by the job's upscaler before the WebUI reads them.
+
+    Runs in `before_process`, before the WebUI resizes the init images and before every
+    script's `process()`, so the plan, ControlNet and the WebUI itself all see the new size.
+    The job's size is the first init image's size times the scale factor, rounded down to a
+    multiple of 8 px (as the WebUI's upscalers do); other init images are fitted to it by
+    the job's resize mode. `undo()` gives `p` back the user's size and images: after the
+    job, and from `p.close()` (which the WebUI calls even when the job fails).
+    """
+
+    def __init__(self, p: Any, settings: Settings):
+        from modules import images  # the WebUI's resize, which runs its upscalers
+
+        self.p, self.saved = p, (p.width, p.height, p.init_images)
+        first = p.init_images[0]
+        width = max(8, int(first.width * settings.scale_factor) // 8 * 8)
+        height = max(8, int(first.height * settings.scale_factor) // 8 * 8)
+        mode = getattr(p, "resize_mode", 0)
+        # A new list: XYZ plot's copies of p share the old one.
+        p.init_images = [
+            images.resize_image(mode, image.convert("RGB"), width, height, upscaler_name=settings.upscaler)
+            for image in p.init_images
+        ]
+        p.width, p.height = width, height
+        self.own_close = vars(p).get("close")  # None: p closes with its class's method
+        p.close = self._close  # an instance attribute: only this job's p
+
+    def undo(self) -> None:
+        """Give p back the user's width, height and init images (once; later calls do nothing)."""
+        self.p.width, self.p.height, self.p.init_images = self.saved
+        if vars(self.p).get("close") == self._close:
+            if self.own_close is None:
+                del self.p.close
+            else:
+                self.p.close = self.own_close
+
+    def _close(self) -> None:
+        self.undo()
+        self.p.close()
+
+
+def upscale(p: Any, args: tuple) -> UpscaleStep | None:
+    """The upscale step of these script args, or None when there is none to do."""
+    try:
+        settings = _settings(args)
+    except SettingsError:
+        return None  # process() rejects the job with the message
+    if not (settings.enabled and settings.upscaler != "None" and getattr(p, "init_images", None)):
+        return None
+    return UpscaleStep(p, settings)
 
 
 def _is_forge(p: Any) -> bool:
