@@ -383,3 +383,155 @@ def test_forge_unknown_transformer_is_refused_naming_the_model_type(k_diffusion,
         run(p, args(), original, noise, "Flux")
     out, _ = run(p, [False], original, noise, "Flux")  # the job without the extension still runs
     assert torch.isfinite(out).all()
+
+
+# A1111 1.10: SD 2.x v through k-diffusion's real CompVisVDenoiser, SDXL's crossattn/vector
+# layout, and SD3 (SD3Denoiser.forward -> SD3Inferencer.apply_model, which returns x0 of a
+# flow model; img2img noise from add_noise_to_latent).
+
+
+class UNetModel:
+    input_blocks = ()
+
+
+class MMDiT:
+    patch_size = 2
+
+
+class SD3Inferencer:
+    """A1111's SD3Inferencer.apply_model(x, sigma, cond) -> x0, with an analytic flow model."""
+
+    is_sd3, parameterization = True, "eps"
+
+    def __init__(self):
+        self.model = SimpleNamespace(diffusion_model=MMDiT())
+        self.flow = MMDiTX("flow")
+        self.shapes = self.flow.shapes
+
+    def apply_model(self, x, sigma, cond):
+        assert cond["crossattn"].shape[0] == cond["vector"].shape[0] == x.shape[0]
+        rows = x.shape[0]
+        options = {"cond_mark": torch.zeros(rows)}
+        out = self.flow(x, sigma, cond["crossattn"], transformer_options=options, y=cond["vector"])
+        return x - out * sigma.view(-1, 1, 1, 1)
+
+    @staticmethod
+    def add_noise_to_latent(x, noise, amount):
+        return x * (1 - amount) + noise * amount
+
+
+class SD3Denoiser(torch.nn.Module):
+    def __init__(self, inner_model):
+        super().__init__()
+        self.inner_model = inner_model
+
+    def forward(self, input, sigma, **kwargs):
+        return self.inner_model.apply_model(input, sigma, **kwargs)
+
+
+def a1111_job(k_diffusion, state, family, image, batch, **fields):
+    p = fake.processing([image] if image else None, W, H, batch, **fields)
+    if family == "SD3":
+        model = SD3Inferencer()
+        p.sampler = fake.KDiffusionSampler(k_diffusion, fake.AnalyticSD(), state)
+        p.sampler.model_wrap_cfg.inner_model = SD3Denoiser(model)
+        p.sampler.sigmas, p.sampler.add_noise_to_latent = sd3_sigmas, model.add_noise_to_latent
+        p.sd_model = model
+    else:
+        model = fake.AnalyticSD(sdxl=family == "SDXL", v=family == "SD2-v")
+        p.sampler = fake.KDiffusionSampler(k_diffusion, model, state)
+        flags = {"SDXL": "is_sdxl", "SD2-v": "is_sd2"}
+        p.sd_model = SimpleNamespace(
+            parameterization=model.parameterization, model=SimpleNamespace(diffusion_model=UNetModel())
+        )
+        setattr(p.sd_model, flags[family], True)
+    p.sampler.model_wrap_cfg.sdxl = family in ("SDXL", "SD3")  # the crossattn/vector dict
+    return p, model
+
+
+def run_a1111(k_diffusion, state, family, job_args, original, noise, batch=None, image=None, **fields):
+    p, model = a1111_job(k_diffusion, state, family, image, batch or original.shape[0], **fields)
+    job = webui.start(p, job_args)
+    if job:
+        job.before_sampling(p, original)
+    g = torch.Generator().manual_seed(4)
+    cond = torch.randn(original.shape[0], 77, 16, generator=g) * 0.3
+    uncond = torch.zeros_like(cond)
+    try:
+        out = p.sampler.sample_img2img(p, original, noise, cond, uncond, fake.image_cond(original.shape[0]))
+    finally:
+        if job:
+            job.finish()
+    return out, job, p, model
+
+
+@pytest.mark.parametrize(
+    "family, name, align", [("SDXL", "SDXL", 1), ("SD2-v", "SD 2.x v-prediction", 1), ("SD3", "SD3", 2)]
+)
+def test_a1111_family_and_patch_grid_are_read_from_the_model(k_diffusion, state, family, name, align):
+    p, _ = a1111_job(k_diffusion, state, family, None, 1)
+    assert families.of_job(p) == families.Family(name, align)
+
+
+@pytest.mark.parametrize("method", td.settings.METHODS)
+@pytest.mark.parametrize("family", ["SDXL", "SD2-v", "SD3"])
+def test_a1111_family_keeps_skipped_tiles_and_matches_untiled_elsewhere(
+    k_diffusion, state, init_image, family, method
+):
+    original, noise = latents("SD3" if family == "SD3" else "SDXL", 2, 31)
+    out, job, p, model = run_a1111(
+        k_diffusion, state, family, args(method=method), original, noise, image=init_image
+    )
+    plain, *_ = run_a1111(k_diffusion, state, family, [False], original, noise, image=init_image)
+    if family == "SD2-v":
+        assert isinstance(p.sampler.model_wrap_cfg.inner_model, k_diffusion.external.CompVisVDenoiser)
+    kept, denoised = kept_mask(job.plan), kept_mask(job.plan, skipped=False)
+    assert kept.any() and denoised.any()
+    torch.testing.assert_close(out[..., kept], original[..., kept], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[..., denoised], plain[..., denoised], atol=1e-4, rtol=1e-4)
+    assert max(s[-1] for s in model.shapes) < W // 8 and any(s[0] > 4 for s in model.shapes)
+    assert all(s[-1] % 2 == 0 and s[-2] % 2 == 0 for s in model.shapes) or family != "SD3"
+
+
+@pytest.mark.parametrize("family", ["SDXL", "SD2-v", "SD3"])
+def test_a1111_family_variable_denoise_equals_standalone_img2img_per_tile(
+    k_diffusion, state, init_image, family
+):
+    original, noise = latents("SD3" if family == "SD3" else "SDXL", 1, 32)
+    settings = args(variable_denoise=True, denoise_largest=0.3, denoise_smallest=0.8, skip_below=0)
+    out, job, p, _ = run_a1111(k_diffusion, state, family, settings, original, noise, image=init_image)
+    assert p.denoising_strength == pytest.approx(0.8)
+    strengths = {leaf.strength for leaf in job.plan.leaves}
+    assert len(strengths) >= 3
+    for strength in strengths:
+        alone, *_ = run_a1111(
+            k_diffusion,
+            state,
+            family,
+            [False],
+            original,
+            noise,
+            image=init_image,
+            denoising_strength=strength,
+        )
+        own = own_mask(job.plan, lambda leaf, strength=strength: leaf.strength == strength)
+        torch.testing.assert_close(out[..., own], alone[..., own], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["SDXL", "SD2-v"])
+def test_a1111_family_hires_pass_keeps_skipped_tiles_of_the_upscaled_latent(k_diffusion, state, family):
+    upscaled, noise = latents("SDXL", 1, 33)
+    upscaled[..., : W // 16] = torch.linspace(-1, 1, W // 16)
+    out, job, *_ = run_a1111(
+        k_diffusion,
+        state,
+        family,
+        args(detail_threshold=60),
+        upscaled,
+        noise,
+        is_hr_pass=True,
+        denoising_strength=0.5,
+    )
+    kept = kept_mask(job.plan)
+    assert kept.any() and not kept.all()
+    torch.testing.assert_close(out[..., kept], upscaled[..., kept], atol=1e-4, rtol=0)
