@@ -36,7 +36,10 @@ class AnalyticSD:
 
     parameterization = "eps"
 
-    def __init__(self, mu: float = 0.2, spread: float = 0.5, sdxl: bool = False, on_call=None):
+    def __init__(
+        self, mu: float = 0.2, spread: float = 0.5, sdxl: bool = False, on_call=None, v: bool = False
+    ):
+        self.parameterization = "v" if v else "eps"  # SD 2.x 768-v: A1111 wraps it in CompVisVDenoiser
         self.alphas_cumprod = sd15_alphas_cumprod()
         self.log_sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt().log()
         self.mu, self.spread, self.sdxl = mu, spread, sdxl
@@ -61,6 +64,8 @@ class AnalyticSD:
         centre = self.mu + text[:, :1, :1].unsqueeze(-1)
         s2 = self.spread**2
         x0 = centre + s2 / (s2 + sigma**2) * (x_k - centre)
+        if self.parameterization == "v":  # what CompVisVDenoiser turns back into x0
+            return (x0 - x_k / (sigma**2 + 1)) * -((sigma**2 + 1).sqrt()) / sigma
         return (x_k - x0) / sigma
 
 
@@ -117,13 +122,17 @@ def karras(steps: int, sigma_min: float = 0.0292, sigma_max: float = 14.6146) ->
 
 class KDiffusionSampler:
     def __init__(self, k_diffusion, model: AnalyticSD, state: SimpleNamespace, sampler: str = "sample_euler"):
-        inner = k_diffusion.external.CompVisDenoiser(model)
+        external = k_diffusion.external
+        v = getattr(model, "parameterization", "eps") == "v"
+        inner = (external.CompVisVDenoiser if v else external.CompVisDenoiser)(model)
         self.model_wrap_cfg = CFGDenoiser(inner, state)
         self.func = getattr(k_diffusion.sampling, sampler)
         self.last_latent = None
+        self.sigmas = karras
+        self.add_noise_to_latent = None  # SD3: shared.sd_model.add_noise_to_latent (flow noise)
 
     def get_sigmas(self, p, steps):
-        return karras(steps)
+        return self.sigmas(steps)
 
     def launch_sampling(self, func):
         try:
@@ -139,7 +148,8 @@ class KDiffusionSampler:
         t_enc = int(min(p.denoising_strength, 0.999) * steps)
         sigmas = self.get_sigmas(p, steps)
         schedule = sigmas[steps - t_enc - 1 :]
-        xi = x + noise * schedule[0]
+        add_noise = self.add_noise_to_latent or (lambda x, noise, sigma: x + noise * sigma)
+        xi = add_noise(x, noise, schedule[0])
         self.model_wrap_cfg.init_latent = x
         self.last_latent = x
         extra = self._args(p, cond, uncond, image_cond)

@@ -318,3 +318,58 @@ def test_skipping_tiles_never_adds_model_work(name, side, variable):
         calls = int(min(plan.max_strength, 0.999) * 20) + 1  # the job's calls at its own strength
         work.append(estimated_work(plan) * calls)
     assert work[0] >= work[1] >= work[2], work
+
+
+def on_grid(start: int, size: int, align: int, limit: int) -> bool:
+    """Both ends on multiples of align, or the far end at the image border."""
+    end = start + size
+    return start % align == 0 and (end % align == 0 or end == limit)
+
+
+@pytest.mark.parametrize("align", [1, 2, 4])
+@pytest.mark.parametrize(
+    "width, height, overlap, min_window, min_tile",
+    [
+        (1024, 768, 64, 256, 64),
+        (1000, 600, 24, 0, 72),  # latent 125 x 75: odd borders
+        (840, 1352, 40, 360, 64),
+        (512, 512, 8, 520, 64),
+        (136, 2056, 56, 264, 64),
+    ],
+)
+def test_leaves_bands_and_views_are_aligned_to_the_model_patch(
+    align, width, height, overlap, min_window, min_tile
+):
+    settings = td.Settings(
+        overlap=overlap,
+        min_window=min_window,
+        min_tile=min_tile,
+        max_tile=max(512, 2 * min_tile),
+        variable_denoise=True,
+        skip_below=129,
+        detail_threshold=50,
+    )
+    latent = (height // 8, width // 8)
+    image = photo("astronaut").resize((width, height))
+    plan = td.build_plan(image, settings, latent, karras(20), align=align)
+    assert_partition(plan)
+    rows, cols = latent
+    for leaf in plan.leaves:
+        assert on_grid(leaf.x, leaf.w, align, cols) and on_grid(leaf.y, leaf.h, align, rows), leaf
+    for window in plan.windows:
+        assert on_grid(window.x, window.w, align, cols) and on_grid(window.y, window.h, align, rows), window
+        for band in window.bands:
+            assert on_grid(band.x, band.w, align, cols) and on_grid(band.y, band.h, align, rows), band
+            assert inside(band, window)
+        side = min(min_window // 8, cols), min(min_window // 8, rows)
+        assert window.w >= side[0] and window.h >= side[1]
+        assert window.w < max(bounds(window.bands).w, side[0]) + 2 * align, "no larger than needed"
+
+
+def test_aligned_plan_blends_to_a_partition_of_unity():
+    from tiled_diffusion.blend import weight_sum
+
+    settings = td.Settings(overlap=40, min_tile=64, min_window=200)
+    plan = td.build_plan(photo("astronaut").resize((1000, 600)), settings, (75, 125), align=2)
+    total = weight_sum(plan)
+    assert total.shape == (75, 125) and (total > 0).all() and torch.isfinite(total).all()

@@ -173,7 +173,8 @@ def build_plan(
     latent_size: (height, width) in latent pixels.
     sigmas: the full k-diffusion schedule (N+1 values ending in 0); variable denoise needs it
         to give each tile its start sigma.
-    align: leaf coordinates are multiples of this many latent pixels (2 for 2x2-patch models).
+    align: every coordinate of the leaves, bands and views is a multiple of this many latent
+        pixels, or the image's own border (2 for models with 2x2 patches: Flux, SD3).
     """
     height, width = (int(v) for v in latent_size)
     if height <= 0 or width <= 0:
@@ -212,6 +213,7 @@ def build_plan(
         settings.max_tile // scale,
         width,
         height,
+        align,
     )
     return Plan(leaves, windows, (height, width), settings, notes)
 
@@ -245,6 +247,7 @@ def _windows(
     max_side: int,
     width: int,
     height: int,
+    align: int = 1,
 ) -> list[Window]:
     """The windows of the groups: groups of one state packed together where that costs no more.
 
@@ -255,21 +258,23 @@ def _windows(
     of one strength and skip state share a window when its view is no larger than their
     separate views together (and no larger than a max_tile window): small tiles scattered
     between skipped ones would otherwise each pay for a whole view of their own.
+    Bands and views start and end on multiples of `align` (or at the image border), as
+    the leaves do, so a patch model's patches never straddle a window's edge.
     """
     largest = max_side + 2 * overlap  # a view never larger than a window of max_tile would be
     packed: list[tuple[tuple, list[Region], list[int]]] = []
     for region, members in groups:
-        reach = min(overlap, min(region.w, region.h) // 4)
+        reach = min(overlap, min(region.w, region.h) // 4) // align * align
         x0, y0 = max(region.x - reach, 0), max(region.y - reach, 0)
         x1, y1 = min(region.x + region.w + reach, width), min(region.y + region.h + reach, height)
         band = Region(x0, y0, x1 - x0, y1 - y0)
         state = (leaves[members[0]].strength, leaves[members[0]].skipped)
-        alone = _view([band], min_view, width, height)
+        alone = _view([band], min_view, width, height, align)
         for same, bands, indices in packed:
             if same != state:
                 continue
-            apart = _view(bands, min_view, width, height)
-            joined = _view(bands + [band], min_view, width, height)
+            apart = _view(bands, min_view, width, height, align)
+            joined = _view(bands + [band], min_view, width, height, align)
             if (
                 max(joined.w, joined.h) <= largest
                 and joined.w * joined.h <= apart.w * apart.h + alone.w * alone.h
@@ -280,16 +285,16 @@ def _windows(
         else:
             packed.append((state, [band], list(members)))
     return [
-        Window(*astuple(_view(bands, min_view, width, height)), tuple(bands), tuple(indices))
+        Window(*astuple(_view(bands, min_view, width, height, align)), tuple(bands), tuple(indices))
         for _, bands, indices in packed
     ]
 
 
-def _view(bands: list[Region], min_view: int, width: int, height: int) -> Region:
+def _view(bands: list[Region], min_view: int, width: int, height: int, align: int = 1) -> Region:
     """The bands' bounding box grown about its centre to at least min_view, inside the image."""
     box = _bounds(bands)
-    x, w = _grown(box.x, box.w, min_view, width)
-    y, h = _grown(box.y, box.h, min_view, height)
+    x, w = _grown(box.x, box.w, min_view, width, align)
+    y, h = _grown(box.y, box.h, min_view, height, align)
     return Region(x, y, w, h)
 
 
@@ -299,10 +304,19 @@ def _bounds(regions: list[Region]) -> Region:
     return Region(x0, y0, x1 - x0, y1 - y0)
 
 
-def _grown(start: int, size: int, least: int, limit: int) -> tuple[int, int]:
-    """[start, start + size) grown about its centre to at least `least`, kept in [0, limit)."""
-    grown = max(size, min(least, limit))
-    return min(max(start - (grown - size) // 2, 0), limit - grown), grown
+def _grown(start: int, size: int, least: int, limit: int, align: int = 1) -> tuple[int, int]:
+    """[start, start + size) grown about its centre to at least `least`, kept in [0, limit).
+
+    With `start` and `start + size` on multiples of `align` (or at `limit`), so are the
+    ends of the result.
+    """
+    if size >= least or size >= limit:
+        return start, size
+    grown = min(-(-max(size, min(least, limit)) // align) * align, limit)
+    begin = min(max(start - (grown - size) // 2 // align * align, 0), limit - grown)
+    end = begin + grown
+    begin = begin // align * align  # moved off the grid only by an unaligned image border
+    return begin, end - begin
 
 
 def estimated_work(plan: Plan, steps: int = 20) -> float:

@@ -17,7 +17,7 @@ from ..blend import paste_kept_pixels
 from ..plan import Plan, build_plan
 from ..quadtree import LATENT_SCALE, latent_as_image
 from ..settings import TITLE, Settings, SettingsError
-from . import a1111, forge
+from . import a1111, families, forge
 
 NO_ORIGINAL_NOTE = (
     f"{TITLE}: skip and variable denoise need an init image (img2img) or the hires-fix pass; "
@@ -49,12 +49,14 @@ class Job(_HookedJob):
         self.img2img = bool(getattr(p, "init_images", None))
         self.plan: Plan | None = None
         self.pasting: list[Image.Image] = []  # init images to paste into skipped tiles
+        self.align = families.of_job(p).align  # the model's latent patch grid
         p.extra_generation_params.update(settings.infotext())
         if self.img2img:
             # The plan comes from the init image as the job resizes it; known already here,
             # so the job's strength can be set before the sampler reads it.
             images = [_resized_init_image(p, image) for image in p.init_images]
-            self.plan = build_plan(images[0], settings, (p.height // LATENT_SCALE, p.width // LATENT_SCALE))
+            size = (p.height // LATENT_SCALE, p.width // LATENT_SCALE)
+            self.plan = build_plan(images[0], settings, size, align=self.align)
             if settings.skip_mode == "Keep pixels" and any(leaf.skipped for leaf in self.plan.leaves):
                 self.pasting = images
         if settings.variable_denoise:
@@ -74,10 +76,12 @@ class Job(_HookedJob):
             # txt2img: the hires pass starts from the upscaled first pass. A first pass has no
             # picture yet: an even grid of the largest tiles, all denoised from the start.
             if hires:
-                self.plan = build_plan(latent_as_image(x[0]), self.settings, latent_size)
+                self.plan = build_plan(latent_as_image(x[0]), self.settings, latent_size, align=self.align)
             else:
                 plain = dataclasses.replace(self.settings, skip_below=0, variable_denoise=False)
-                self.plan = build_plan(np.zeros((*latent_size, 3), dtype=np.uint8), plain, latent_size)
+                self.plan = build_plan(
+                    np.zeros((*latent_size, 3), dtype=np.uint8), plain, latent_size, align=self.align
+                )
             self.pasting = []
         wanted = self.settings.skip_below > 0 or self.settings.variable_denoise
         if not has_original and wanted and not getattr(p, "enable_hr", False):
@@ -121,7 +125,10 @@ def start(p: Any, args: tuple) -> Job | RejectedJob | None:
         settings = _settings(args)
     except SettingsError as error:
         return RejectedJob(error)
-    return Job(settings, p) if settings.enabled else None
+    if not settings.enabled:
+        return None
+    refused = families.of_job(p).refused  # a model the windows cannot be placed for
+    return RejectedJob(SettingsError(refused)) if refused else Job(settings, p)
 
 
 def _settings(args: tuple) -> Settings:
