@@ -33,7 +33,7 @@ class Script(scripts.Script):
     def __init__(self):
         super().__init__()
         self.job = None
-        self.upscale_step = None
+        self.preparation = None
         self.sources = {}  # the init image and size controls of this tab, for Preview tiles
         for elem_id in (
             "img2img_image",
@@ -92,7 +92,7 @@ class Script(scripts.Script):
         if IMPORT_ERROR:
             return
         # Before the WebUI resizes the init images and before any script's process().
-        self.upscale_step = webui.upscale(p, args)
+        self.preparation = webui.prepare(p, args)
 
     def process(self, p, *args):
         if IMPORT_ERROR:
@@ -110,9 +110,9 @@ class Script(scripts.Script):
             self.job.postprocess_image(p, pp)
 
     def postprocess(self, p, processed, *args):
-        if self.upscale_step is not None:
-            self.upscale_step.undo()  # the user's width, height and init images for the next job
-            self.upscale_step = None
+        if self.preparation is not None:
+            self.preparation.undo()  # e.g. the user's width, height and init images for the next job
+            self.preparation = None
         if self.job is not None:
             self.job.finish()
             self.job = None

@@ -7,6 +7,7 @@ hooking the denoiser live in a1111.py and forge.py.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -148,37 +149,23 @@ def upscaler_names() -> list[str] | None:
     return [upscaler.name for upscaler in shared.sd_upscalers]
 
 
-class UpscaleStep:
-    """img2img: every init image upscaled by the job's upscaler before the WebUI reads them.
+class Preparation:
+    """What a job changes before the WebUI reads `p` (`before_process`), given back after it.
 
-    Runs in `before_process`, before the WebUI resizes the init images and before every
-    script's `process()`, so the plan, ControlNet and the WebUI itself all see the new size.
-    The job's size is the first init image's size times the scale factor, rounded down to a
-    multiple of 8 px (as the WebUI's upscalers do); other init images are fitted to it by
-    the job's resize mode. `undo()` gives `p` back the user's size and images: after the
-    job, and from `p.close()` (which the WebUI calls even when the job fails).
+    Each step registers how to undo itself; `undo()` runs them last first, after the job
+    (`postprocess`) and from `p.close()`, which the WebUI calls even when the job fails or
+    is interrupted (`with closing(p)` in txt2img, img2img and the API).
     """
 
-    def __init__(self, p: Any, settings: Settings):
-        from modules import images  # the WebUI's resize, which runs its upscalers
-
-        self.p, self.saved = p, (p.width, p.height, p.init_images)
-        first = p.init_images[0]
-        width = max(8, int(first.width * settings.scale_factor) // 8 * 8)
-        height = max(8, int(first.height * settings.scale_factor) // 8 * 8)
-        mode = getattr(p, "resize_mode", 0)
-        # A new list: XYZ plot's copies of p share the old one.
-        p.init_images = [
-            images.resize_image(mode, image.convert("RGB"), width, height, upscaler_name=settings.upscaler)
-            for image in p.init_images
-        ]
-        p.width, p.height = width, height
+    def __init__(self, p: Any):
+        self.p, self.undos = p, []
         self.own_close = vars(p).get("close")  # None: p closes with its class's method
         p.close = self._close  # an instance attribute: only this job's p
 
     def undo(self) -> None:
-        """Give p back the user's width, height and init images (once; later calls do nothing)."""
-        self.p.width, self.p.height, self.p.init_images = self.saved
+        """Undo every step (once; later calls do nothing)."""
+        while self.undos:
+            self.undos.pop()()
         if vars(self.p).get("close") == self._close:
             if self.own_close is None:
                 del self.p.close
@@ -190,15 +177,47 @@ class UpscaleStep:
         self.p.close()
 
 
-def upscale(p: Any, args: tuple) -> UpscaleStep | None:
-    """The upscale step of these script args, or None when there is none to do."""
+def prepare(p: Any, args: tuple) -> Preparation | None:
+    """The steps that must run before the WebUI reads `p`, or None when there are none."""
     try:
         settings = _settings(args)
     except SettingsError:
         return None  # process() rejects the job with the message
-    if not (settings.enabled and settings.upscaler != "None" and getattr(p, "init_images", None)):
+    upscale = settings.enabled and settings.upscaler != "None" and getattr(p, "init_images", None)
+    if not upscale:
         return None
-    return UpscaleStep(p, settings)
+    preparation = Preparation(p)
+    preparation.undos.append(upscale_init_images(p, settings))
+    return preparation
+
+
+def upscale_init_images(p: Any, settings: Settings) -> Callable[[], None]:
+    """img2img: every init image upscaled by the job's upscaler; returns how to undo it.
+
+    Runs before the WebUI resizes the init images and before every script's `process()`,
+    so the plan, ControlNet and the WebUI itself all see the new size. The job's size is
+    the first init image's size times the scale factor, rounded down to a multiple of 8 px
+    (as the WebUI's upscalers do); other init images are fitted to it by the job's resize
+    mode. Undoing gives `p` back the user's width, height and init images.
+    """
+    from modules import images  # the WebUI's resize, which runs its upscalers
+
+    saved = p.width, p.height, p.init_images
+    first = p.init_images[0]
+    width = max(8, int(first.width * settings.scale_factor) // 8 * 8)
+    height = max(8, int(first.height * settings.scale_factor) // 8 * 8)
+    mode = getattr(p, "resize_mode", 0)
+    # A new list: XYZ plot's copies of p share the old one.
+    p.init_images = [
+        images.resize_image(mode, image.convert("RGB"), width, height, upscaler_name=settings.upscaler)
+        for image in p.init_images
+    ]
+    p.width, p.height = width, height
+
+    def undo() -> None:
+        p.width, p.height, p.init_images = saved
+
+    return undo
 
 
 def _is_forge(p: Any) -> bool:
