@@ -157,14 +157,11 @@ def test_replaced_attention_forward_is_used():
     whatever forward the module has, and its norm is still synced."""
     vae = make_vae("ldm", attention=True)
     attn = vae.decoder.mid.attn_1
-    calls = []
+    sdp, calls = ldm_vae.sdp_forward(attn), []
 
     def sdp_forward(x):
         calls.append(x.shape)
-        h = attn.norm(x)
-        q, k, v = (conv(h).flatten(2).transpose(1, 2) for conv in (attn.q, attn.k, attn.v))
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(x.shape)
-        return x + attn.proj_out(out)
+        return sdp(x)
 
     x = vae_input("decode")
     ref = untiled(vae, "decode", x)
