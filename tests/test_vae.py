@@ -7,6 +7,7 @@ level, 32 GroupNorm groups. Run with `-s` to see the measured differences.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 
@@ -101,6 +102,18 @@ def test_batch_rows_are_normalised_separately():
     vae, x = make_vae("diffusers", attention=False), vae_input("decode", batch=2)
     x[1] *= 3  # different statistics per row
     assert difference(tiled(vae, "decode", x), untiled(vae, "decode", x))["relative"] < EXACT
+
+
+def test_half_precision_tiles_are_as_close_as_the_untiled_half_vae():
+    """A1111 runs the VAE in fp16 or bf16: the statistics are merged in float64 and the
+    norm computed in float32, so tiling adds no error of its own to the half model's."""
+    vae, x = make_vae("ldm", attention=False), vae_input("decode")
+    ref = untiled(vae, "decode", x)
+    half = copy.deepcopy(vae).to(torch.bfloat16)
+    out = tiled(half, "decode", x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    tiled_error = difference(out.float(), ref)["max_abs"]
+    assert tiled_error < 1.2 * difference(untiled(half, "decode", x.bfloat16()).float(), ref)["max_abs"]
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
