@@ -445,11 +445,12 @@ class AutoencoderKL(nn.Module):
 
 # Not from ldm: an AttnBlock forward in the manner of A1111's default "sdp" optimisation,
 # which replaces AttnBlock.forward: the block's own norm and 1x1 convs, torch's SDPA with
-# one head (4-D, so that the CPU takes the memory-efficient kernel).
+# one head (contiguous and 4-D: otherwise the CPU falls back to the kernel that holds the
+# whole attention matrix).
 def sdp_forward(attn):
     def forward(x):
         h = attn.norm(x)
-        q, k, v = (conv(h).flatten(2).transpose(1, 2)[:, None] for conv in (attn.q, attn.k, attn.v))
+        q, k, v = (conv(h).flatten(2).transpose(1, 2)[:, None].contiguous() for conv in (attn.q, attn.k, attn.v))
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v)[:, 0]
         return x + attn.proj_out(out.transpose(1, 2).reshape(x.shape))
     return forward
