@@ -92,8 +92,9 @@ def test_without_attention_synced_tiles_equal_untiled(layout, direction):
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
-def test_attention_window_covering_the_image_is_exact(direction):
-    vae, x = make_vae("ldm", attention=True), vae_input(direction)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_attention_window_covering_the_image_is_exact(layout, direction):
+    vae, x = make_vae(layout, attention=True), vae_input(direction)
     out = tiled(vae, direction, x, attention_overlap=8 * max(LATENT))
     assert difference(out, untiled(vae, direction, x))["relative"] < EXACT
 
