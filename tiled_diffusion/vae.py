@@ -142,7 +142,7 @@ def run_steps(
                 s, t = 1 << lv, 1 << out_lv
                 cy0, cy1 = max(y0 * s - halo, 0), min(y1 * s + halo, src.shape[-2])
                 cx0, cx1 = max(x0 * s - halo, 0), min(x1 * s + halo, src.shape[-1])
-                crop = src[:, :, cy0:cy1, cx0:cx1].to(device).contiguous()
+                crop = src[:, :, cy0:cy1, cx0:cx1].to(device)
                 residual = None
                 if step.residual is not None:  # same resolution as src: the same crop
                     residual = buffers[step.residual][:, :, cy0:cy1, cx0:cx1].to(device)
@@ -230,8 +230,10 @@ class ChannelStats:
         n = piece.shape[-2] * piece.shape[-1]
         if n == 0:
             return
-        var, mean = torch.var_mean(piece.float(), dim=(-2, -1), correction=0)
-        mean, m2 = mean.double(), var.double() * n
+        piece = piece.float()
+        mean = piece.mean((-2, -1), keepdim=True)  # two passes: twice as fast as var_mean here
+        m2 = torch.linalg.vector_norm(piece - mean, dim=(-2, -1)).double().square()
+        mean = mean[..., 0, 0].double()
         if self.mean is None:
             self.n, self.mean, self.m2 = n, mean, m2
             return
@@ -272,7 +274,7 @@ def _synced(norm: nn.GroupNorm, stats: ChannelStats) -> Iterator[None]:
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         view = (*scale.shape, *([1] * (x.dim() - 2)))
-        return (x.float() * scale.view(view) + shift.view(view)).to(x.dtype)
+        return torch.addcmul(shift.view(view), x, scale.view(view)).to(x.dtype)  # in float32
 
     with _instance_attribute(norm, "forward", forward):
         yield
@@ -361,7 +363,7 @@ def _attention(module: nn.Module, norm: nn.Module | None) -> list[Step]:
         return []
     if not isinstance(norm, nn.GroupNorm):
         raise TypeError(f"tiled VAE: attention {type(module).__name__} without a GroupNorm")
-    return [Step(lambda x, r: module(x), halo=WINDOW, norm=norm)]
+    return [Step(lambda x, r: module(x.contiguous()), halo=WINDOW, norm=norm)]  # diffusers views it
 
 
 def _resample(module: nn.Module, zoom: int) -> list[Step]:
