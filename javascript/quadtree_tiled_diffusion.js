@@ -17,7 +17,10 @@
         "denoise_smallest": "Denoising strength of the smallest tiles (detailed regions).",
         "min_window": "Smallest side of the model's view, in pixels: a smaller tile is denoised inside a window this large so the model sees the picture around it (only the tile and its overlap take the result). Neighbouring tiles of one strength share a window.",
         "upscaler": "img2img: upscale every init image by 'Scale factor' with this WebUI upscaler before the job, which then runs at the upscaled size. 'None' = no upscale step (the job keeps its width and height).",
-        "scale_factor": "How much the upscaler enlarges the init image: the job's size is the image's size times this, rounded down to a multiple of 8 px. Used only with an Upscaler."
+        "scale_factor": "How much the upscaler enlarges the init image: the job's size is the image's size times this, rounded down to a multiple of 8 px. Used only with an Upscaler.",
+        "tiled_vae": "Encode and decode images larger than 'VAE tiles above' tile by tile, so the VAE fits at 4K-8K. A1111: this extension's tiled VAE, exact but for the VAE's attention (its GroupNorms use the whole image's statistics); Forge: Forge's own tiled VAE.",
+        "vae_tile_above": "Tile the VAE when width x height is above this size squared, in pixels (1536: an SD VAE decode above 1536x1536 needs more than about 4.5 GB in half precision).",
+        "vae_tile": "Side of a tile of the tiled VAE in pixels (A1111): smaller uses less VRAM, larger gives the VAE's attention more of the picture."
     };
 
     function addTooltips() {

@@ -99,7 +99,7 @@ class Script(scripts.Script):
             return
         if self.job is not None:  # a previous job that ended in an exception
             self.job.finish()
-        self.job = webui.start(p, args)
+        self.job = webui.start(p, args, self.preparation)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         if self.job is not None:

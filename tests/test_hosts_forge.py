@@ -198,3 +198,63 @@ def test_forge_next_job_is_untouched(k_diffusion, init_image):
     after, _ = run_forge(p, [False], original, noise)
     fresh, _ = run_forge(forge_processing(k_diffusion, init_image), [False], original, noise)
     torch.testing.assert_close(after, fresh)
+
+
+@pytest.fixture
+def memory_management(monkeypatch):
+    """Forge's backend.memory_management, as far as its tiled-VAE switch goes."""
+    import sys
+    import types
+
+    backend = types.ModuleType("backend")
+    backend.memory_management = types.ModuleType("backend.memory_management")
+    backend.memory_management.VAE_ALWAYS_TILED = False
+    monkeypatch.setitem(sys.modules, "backend", backend)
+    monkeypatch.setitem(sys.modules, "backend.memory_management", backend.memory_management)
+    return backend.memory_management
+
+
+class Closing:
+    """What A1111 and Forge do around a job's p: `with closing(p)` calls p.close()."""
+
+    def __init__(self):
+        self.closed = 0
+
+    def close(self):
+        self.closed += 1
+
+
+@pytest.mark.parametrize("size, tiled", [(1024, False), (2048, True)])
+def test_forge_large_jobs_use_forge_tiled_vae_for_the_job_only(
+    k_diffusion, state, init_image, memory_management, size, tiled
+):
+    p = forge_processing(k_diffusion, init_image)
+    p.width = p.height = size
+    p.close = Closing().close
+    script = fake.load_script()
+    script.before_process(p, *args())
+    script.process(p, *args())
+    assert memory_management.VAE_ALWAYS_TILED is tiled  # set before the init image is encoded
+    assert any("Forge's tiled VAE" in text for text in p.comments) is tiled
+    script.postprocess(p, None, *args())
+    assert memory_management.VAE_ALWAYS_TILED is False
+
+
+def test_forge_tiled_vae_is_given_back_when_the_job_fails_and_keeps_never_oom(
+    k_diffusion, state, init_image, memory_management
+):
+    p = forge_processing(k_diffusion, init_image)
+    p.width = p.height = 2048
+    closing = Closing()
+    p.close = closing.close
+    script = fake.load_script()
+    script.before_process(p, *args())
+    script.process(p, *args())
+    assert memory_management.VAE_ALWAYS_TILED is True
+    p.close()  # the job raised: no postprocess, but the WebUI closes p
+    assert memory_management.VAE_ALWAYS_TILED is False and closing.closed == 1
+    memory_management.VAE_ALWAYS_TILED = True  # Forge's "Never OOM" asked for it itself
+    script.before_process(p, *args(tiled_vae=False))
+    script.process(p, *args(tiled_vae=False))
+    script.postprocess(p, None, *args(tiled_vae=False))
+    assert memory_management.VAE_ALWAYS_TILED is True

@@ -71,23 +71,8 @@ def test_max_tile_must_be_twice_min_tile():
 
 
 def test_positional_api_args_follow_the_declared_order():
-    args = [
-        True,
-        "MultiDiffusion",
-        50,
-        64,
-        256,
-        32,
-        2,
-        100,
-        "Keep latent",
-        True,
-        0.2,
-        0.6,
-        320,
-        "Lanczos",
-        1.5,
-    ]
+    args = [True, "MultiDiffusion", 50, 64, 256, 32, 2, 100, "Keep latent", True, 0.2, 0.6]
+    args += [320, "Lanczos", 1.5, False, 2048, 512]  # appended later: min_window, upscale, VAE
     settings = td.Settings.from_args(args)
     assert settings.as_args() == args
     older = td.Settings.from_args(args[:12])  # the API list before min_window was added

@@ -42,7 +42,7 @@ class Param:
     label: str
     default: Any
     help: str
-    group: str  # "tiles", "skip", "variable denoise" or "upscale": how the UI groups controls
+    group: str  # "tiles", "skip", "variable denoise", "upscale" or "vae": how the UI groups controls
     minimum: float | None = None
     maximum: float | None = None
     step: float | None = None
@@ -262,6 +262,37 @@ PARAMETERS: tuple[Param, ...] = (
         8.0,
         0.05,
     ),
+    Param(
+        "tiled_vae",
+        "Tiled VAE",
+        True,
+        "Encode and decode images larger than 'VAE tiles above' tile by tile, so the VAE fits "
+        "at 4K-8K. A1111: this extension's tiled VAE, exact but for the VAE's attention (its "
+        "GroupNorms use the whole image's statistics); Forge: Forge's own tiled VAE.",
+        "vae",
+    ),
+    Param(
+        "vae_tile_above",
+        "VAE tiles above",
+        1536,
+        "Tile the VAE when width x height is above this size squared, in pixels (1536: an SD "
+        "VAE decode above 1536x1536 needs more than about 4.5 GB in half precision).",
+        "vae",
+        256,
+        8192,
+        64,
+    ),
+    Param(
+        "vae_tile",
+        "VAE tile",
+        1024,
+        "Side of a tile of the tiled VAE in pixels (A1111): smaller uses less VRAM, larger gives "
+        "the VAE's attention more of the picture.",
+        "vae",
+        256,
+        4096,
+        64,
+    ),
 )
 
 PARAMETERS_BY_NAME = {p.name: p for p in PARAMETERS}
@@ -286,6 +317,9 @@ class Settings:
     min_window: int = PARAMETERS_BY_NAME["min_window"].default
     upscaler: str = PARAMETERS_BY_NAME["upscaler"].default
     scale_factor: float = PARAMETERS_BY_NAME["scale_factor"].default
+    tiled_vae: bool = PARAMETERS_BY_NAME["tiled_vae"].default
+    vae_tile_above: int = PARAMETERS_BY_NAME["vae_tile_above"].default
+    vae_tile: int = PARAMETERS_BY_NAME["vae_tile"].default
 
     def __post_init__(self) -> None:
         for p in PARAMETERS:

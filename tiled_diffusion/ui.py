@@ -31,6 +31,7 @@ ROWS = {
     "skip": (("skip_below", "skip_mode"),),
     "variable denoise": (("variable_denoise",), ("denoise_largest", "denoise_smallest")),
     "upscale": (("upscaler", "scale_factor"),),
+    "vae": (("tiled_vae",), ("vae_tile_above", "vae_tile")),
 }
 NOTES = {"variable denoise": JOB_STRENGTH}
 

@@ -18,7 +18,7 @@ from ..blend import paste_kept_pixels
 from ..plan import Plan, build_plan
 from ..quadtree import LATENT_SCALE, latent_as_image
 from ..settings import TITLE, Settings, SettingsError
-from . import a1111, families, forge
+from . import a1111, families, forge, vae_a1111
 
 NO_ORIGINAL_NOTE = (
     f"{TITLE}: skip and variable denoise need an init image (img2img) or the hires-fix pass; "
@@ -120,8 +120,10 @@ class RejectedJob(_HookedJob):
             self.hooks.append(a1111.FailingHook(p.sampler, error).install())
 
 
-def start(p: Any, args: tuple) -> Job | RejectedJob | None:
-    """The job for these script args, or None when the extension is off."""
+def start(p: Any, args: tuple, preparation: Preparation | None = None) -> Job | RejectedJob | None:
+    """The job for these script args, or None when the extension is off.
+
+    preparation: what `prepare` did for this job; Forge's tiled VAE joins its undo steps."""
     try:
         settings = _settings(args)
     except SettingsError as error:
@@ -129,7 +131,13 @@ def start(p: Any, args: tuple) -> Job | RejectedJob | None:
     if not settings.enabled:
         return None
     refused = families.of_job(p).refused  # a model the windows cannot be placed for
-    return RejectedJob(SettingsError(refused)) if refused else Job(settings, p)
+    if refused:
+        return RejectedJob(SettingsError(refused))
+    if _is_forge(p) and preparation is not None:
+        undo = forge_tiled_vae(p, settings)
+        if undo:
+            preparation.undos.append(undo)
+    return Job(settings, p)
 
 
 def _settings(args: tuple) -> Settings:
@@ -178,17 +186,57 @@ class Preparation:
 
 
 def prepare(p: Any, args: tuple) -> Preparation | None:
-    """The steps that must run before the WebUI reads `p`, or None when there are none."""
+    """The steps that must run before the WebUI reads `p` (`before_process`): the upscale
+    step, and in A1111 the tiled VAE; None when the extension is off or its args are bad."""
     try:
         settings = _settings(args)
     except SettingsError:
         return None  # process() rejects the job with the message
-    upscale = settings.enabled and settings.upscaler != "None" and getattr(p, "init_images", None)
-    if not upscale:
+    if not settings.enabled:
         return None
     preparation = Preparation(p)
-    preparation.undos.append(upscale_init_images(p, settings))
+    if settings.upscaler != "None" and getattr(p, "init_images", None):
+        preparation.undos.append(upscale_init_images(p, settings))
+    first_stage = getattr(getattr(p, "sd_model", None), "first_stage_model", None)
+    if settings.tiled_vae and not _is_forge(p) and first_stage is not None:
+        try:
+            vae = vae_a1111.VaeHook(first_stage, settings.vae_tile, settings.vae_tile_above)
+        except TypeError as error:  # a VAE of another layout: the WebUI's own VAE runs
+            _note(p, f"{TITLE}: no tiled VAE for this model ({error})")
+        else:
+            vae.log = lambda text: print(f"{TITLE}: {text}", flush=True)
+            preparation.undos.append(vae.install().remove)
     return preparation
+
+
+def forge_tiled_vae(p: Any, settings: Settings) -> Callable[[], None] | None:
+    """Forge: its own tiled VAE for a job larger than the threshold; returns how to undo it.
+
+    Set from `process()`, after Forge's built-in "Never OOM" script has set the same switch
+    from its own checkbox (built-in scripts run first), and before the init image is encoded.
+    """
+    if not settings.tiled_vae or _largest_job_area(p) <= settings.vae_tile_above**2:
+        return None
+    from backend import memory_management
+
+    before = memory_management.VAE_ALWAYS_TILED
+    memory_management.VAE_ALWAYS_TILED = True
+    _note(p, f"{TITLE}: Forge's tiled VAE is on for this job")
+
+    def undo() -> None:
+        memory_management.VAE_ALWAYS_TILED = before
+
+    return undo
+
+
+def _largest_job_area(p: Any) -> int:
+    """Pixels of the largest image the job encodes or decodes (the hires pass's, if any)."""
+    width, height = p.width, p.height
+    if getattr(p, "enable_hr", False):
+        scale = getattr(p, "hr_scale", 1.0) or 1.0
+        width = getattr(p, "hr_resize_x", 0) or int(width * scale)
+        height = getattr(p, "hr_resize_y", 0) or int(height * scale)
+    return width * height
 
 
 def upscale_init_images(p: Any, settings: Settings) -> Callable[[], None]:
