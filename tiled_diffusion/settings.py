@@ -55,7 +55,8 @@ class Param:
 
     @property
     def infotext_key(self) -> str:
-        return f"Quadtree {self.label[0].lower()}{self.label[1:]}"
+        label = self.label if self.label[:2].isupper() else self.label[0].lower() + self.label[1:]
+        return f"Quadtree {label}"  # "Quadtree min tile", "Quadtree VAE tile"
 
     def allowed(self) -> str:
         if self.choices:
