@@ -81,6 +81,12 @@ def test_init_images_of_another_shape_are_fitted_by_the_resize_mode(upscalers):
     assert [image.size for image in p.init_images] == [(600, 400), (600, 400)]  # the second cropped
 
 
+def test_latent_upscale_resize_mode_still_upscales_the_images(upscalers):
+    p = processing([photo(300, 200)], resize_mode=3)  # "Just resize (latent upscale)"
+    fake.load_script().before_process(p, *args(scale_factor=2))
+    assert p.init_images[0].size == (600, 400) and upscalers["Lanczos"].calls == [((300, 200), 2.0)]
+
+
 def test_the_user_size_and_images_come_back_after_the_job(upscalers):
     images = [photo(300, 200)]
     p = processing(images, width=512, height=384)

@@ -255,6 +255,7 @@ def upscale_init_images(p: Any, settings: Settings) -> Callable[[], None]:
     width = max(8, int(first.width * settings.scale_factor) // 8 * 8)
     height = max(8, int(first.height * settings.scale_factor) // 8 * 8)
     mode = getattr(p, "resize_mode", 0)
+    mode = mode if mode in (0, 1, 2) else 0  # 3, "latent upscale": the images themselves just resized
     # A new list: XYZ plot's copies of p share the old one.
     p.init_images = [
         images.resize_image(mode, image.convert("RGB"), width, height, upscaler_name=settings.upscaler)
