@@ -18,6 +18,7 @@ from ..blend import paste_kept_pixels
 from ..plan import Plan, build_plan
 from ..quadtree import LATENT_SCALE, latent_as_image
 from ..settings import TITLE, Settings, SettingsError
+from ..vae import should_tile
 from . import a1111, families, forge, vae_a1111
 
 NO_ORIGINAL_NOTE = (
@@ -44,13 +45,13 @@ class _HookedJob:
 class Job(_HookedJob):
     """The extension's work on one generation job."""
 
-    def __init__(self, settings: Settings, p: Any):
+    def __init__(self, settings: Settings, p: Any, align: int = 1):
         super().__init__()
         self.settings = settings
         self.img2img = bool(getattr(p, "init_images", None))
         self.plan: Plan | None = None
         self.pasting: list[Image.Image] = []  # init images to paste into skipped tiles
-        self.align = families.of_job(p).align  # the model's latent patch grid
+        self.align = align  # the model's latent patch grid
         p.extra_generation_params.update(settings.infotext())
         if self.img2img:
             # The plan comes from the init image as the job resizes it; known already here,
@@ -130,14 +131,14 @@ def start(p: Any, args: tuple, preparation: Preparation | None = None) -> Job | 
         return RejectedJob(error)
     if not settings.enabled:
         return None
-    refused = families.of_job(p).refused  # a model the windows cannot be placed for
-    if refused:
-        return RejectedJob(SettingsError(refused))
+    family = families.of_job(p)
+    if family.refused:  # a model the windows cannot be placed for
+        return RejectedJob(SettingsError(family.refused))
     if _is_forge(p) and preparation is not None:
         undo = forge_tiled_vae(p, settings)
         if undo:
             preparation.undos.append(undo)
-    return Job(settings, p)
+    return Job(settings, p, family.align)
 
 
 def _settings(args: tuple) -> Settings:
@@ -200,11 +201,10 @@ def prepare(p: Any, args: tuple) -> Preparation | None:
     first_stage = getattr(getattr(p, "sd_model", None), "first_stage_model", None)
     if settings.tiled_vae and not _is_forge(p) and first_stage is not None:
         try:
-            vae = vae_a1111.VaeHook(first_stage, settings.vae_tile, settings.vae_tile_above)
+            vae = vae_a1111.VaeHook(first_stage, settings.vae_tile, settings.vae_tile_above, _log)
         except TypeError as error:  # a VAE of another layout: the WebUI's own VAE runs
             _note(p, f"{TITLE}: no tiled VAE for this model ({error})")
         else:
-            vae.log = lambda text: print(f"{TITLE}: {text}", flush=True)
             preparation.undos.append(vae.install().remove)
     return preparation
 
@@ -215,7 +215,7 @@ def forge_tiled_vae(p: Any, settings: Settings) -> Callable[[], None] | None:
     Set from `process()`, after Forge's built-in "Never OOM" script has set the same switch
     from its own checkbox (built-in scripts run first), and before the init image is encoded.
     """
-    if not settings.tiled_vae or _largest_job_area(p) <= settings.vae_tile_above**2:
+    if not settings.tiled_vae or not should_tile(*_largest_job_size(p), settings.vae_tile_above):
         return None
     from backend import memory_management
 
@@ -229,14 +229,14 @@ def forge_tiled_vae(p: Any, settings: Settings) -> Callable[[], None] | None:
     return undo
 
 
-def _largest_job_area(p: Any) -> int:
-    """Pixels of the largest image the job encodes or decodes (the hires pass's, if any)."""
+def _largest_job_size(p: Any) -> tuple[int, int]:
+    """(width, height) of the largest image the job encodes or decodes (the hires pass's, if any)."""
     width, height = p.width, p.height
     if getattr(p, "enable_hr", False):
         scale = getattr(p, "hr_scale", 1.0) or 1.0
         width = getattr(p, "hr_resize_x", 0) or int(width * scale)
         height = getattr(p, "hr_resize_y", 0) or int(height * scale)
-    return width * height
+    return width, height
 
 
 def upscale_init_images(p: Any, settings: Settings) -> Callable[[], None]:
@@ -281,6 +281,11 @@ def _resized_init_image(p: Any, image: Image.Image) -> Image.Image:
         return images.resize_image(getattr(p, "resize_mode", 0), image.convert("RGB"), p.width, p.height)
     except ImportError:
         return image.convert("RGB").resize((p.width, p.height), Image.Resampling.LANCZOS)
+
+
+def _log(text: str) -> None:
+    """A line in the WebUI's console."""
+    print(f"{TITLE}: {text}", flush=True)
 
 
 def _note(p: Any, text: str) -> None:
