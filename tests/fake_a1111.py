@@ -44,6 +44,7 @@ class AnalyticSD:
         self.log_sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt().log()
         self.mu, self.spread, self.sdxl = mu, spread, sdxl
         self.calls, self.on_call, self.shapes = 0, on_call, []
+        self.control = None  # ControlNet's UNet hook: x -> a shift of each pixel's prior mean
 
     def sigma_of(self, t: torch.Tensor) -> torch.Tensor:
         low = t.float().floor().long().clamp(0, 998)
@@ -62,6 +63,8 @@ class AnalyticSD:
         sigma = self.sigma_of(t).view(-1, 1, 1, 1)
         x_k = x * (sigma**2 + 1).sqrt()
         centre = self.mu + text[:, :1, :1].unsqueeze(-1)
+        if self.control:
+            centre = centre + self.control(x)
         s2 = self.spread**2
         x0 = centre + s2 / (s2 + sigma**2) * (x_k - centre)
         if self.parameterization == "v":  # what CompVisVDenoiser turns back into x0

@@ -37,6 +37,10 @@ class KModel:
             range(x.shape[0])
         )
         centre = self.mu + c_crossattn[:, :1, :1].unsqueeze(-1)
+        if kwargs.get("control") is not None:  # Forge's UNet adds the control it is given
+            shift = kwargs["control"]["middle"][0]
+            assert shift.shape[0] in (1, x.shape[0]) and shift.shape[-2:] == x.shape[-2:]
+            centre = centre + shift
         s2 = self.spread**2
         return centre + s2 / (s2 + t.view(-1, 1, 1, 1) ** 2) * (x - centre)
 
@@ -44,10 +48,12 @@ class KModel:
 class UnetPatcher:
     def __init__(self, model):
         self.model, self.model_options = model, {"transformer_options": {}}
+        self.controlnet_linked_list = None  # the ControlNet chain's head
 
     def clone(self):
         twin = UnetPatcher(self.model)
         twin.model_options = copy.deepcopy(self.model_options)
+        twin.controlnet_linked_list = self.controlnet_linked_list
         return twin
 
     def set_model_unet_function_wrapper(self, wrapper):
@@ -55,8 +61,20 @@ class UnetPatcher:
 
 
 def cfg_denoise(unet, x, sigma, cond, uncond, scale, separate):
-    """Forge's calc_cond_uncond_batch for one step: chunks of whole batches, uncond first."""
-    chunks = [(UNCOND, uncond), (COND, cond)]
+    """Forge's sampling_function for one step: the ControlNet chain put on each condition,
+    the conditioning modifiers, then calc_cond_uncond_batch: chunks of whole batches,
+    uncond first, each chunk's control computed for the call before the wrapper."""
+    conds = [{"text": text} for text in (uncond, cond)]
+    if unet.controlnet_linked_list is not None:
+        for entry in conds:
+            entry["control"] = unet.controlnet_linked_list
+    for modifier in unet.model_options.get("conditioning_modifiers", []):
+        *_, uncond_list, cond_list, _, _, _ = modifier(
+            unet.model, x, sigma, [conds[0]], [conds[1]], scale, {}, 0
+        )
+        conds = [uncond_list[0], cond_list[0]]
+    chunks = [(UNCOND, conds[0]["text"]), (COND, conds[1]["text"])]
+    controls = {UNCOND: conds[0].get("control"), COND: conds[1].get("control")}
     groups = [[c] for c in chunks] if separate else [chunks]
     out = {}
     for group in groups:
@@ -72,6 +90,12 @@ def cfg_denoise(unet, x, sigma, cond, uncond, scale, separate):
         }
         c = {"c_crossattn": torch.cat([text for _, text in group]), "transformer_options": options}
         input_x, timestep = torch.cat([x] * len(group)), torch.cat([sigma] * len(group))
+        control = controls[kinds[-1]]  # Forge takes the last chunk's
+        if control is not None:
+            for net in control.chain():
+                net.transformer_options = options
+            c["control"] = control.get_control(input_x, timestep, dict(c), len(kinds))
+            c["control_model"] = control
         wrapper = unet.model_options.get("model_function_wrapper")
         if wrapper:
             result = wrapper(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from itertools import groupby
 from typing import Any
 
@@ -40,11 +41,16 @@ class TiledDenoiser:
         original: torch.Tensor | None = None,
         progress: Callable[[int, int], None] | None = None,
         row_images: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+        around_batch: Callable[[list[Window], int], AbstractContextManager] | None = None,
     ):
         self.model = model
         self.plan = plan
         self.progress = progress
         self.row_images = row_images or _rows_in_turn
+        # Set up (and undo) what a host computes beside the model for a batch of windows,
+        # e.g. ControlNet hints cut to the windows; given the batch and its rows per window.
+        self.around_batch = around_batch or (lambda batch, rows: nullcontext())
+        self.tile_batch = plan.settings.tile_batch  # a host may lower it for one pass
         self.notes: list[str] = []
         self.stats = {"calls": 0, "model_calls": 0, "evaluated_pixels": 0}
         if original is not None:
@@ -76,13 +82,14 @@ class TiledDenoiser:
         self.stats["calls"] += 1
         acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         done = 0
-        for batch in _batches(windows, self.plan.settings.tile_batch):
+        for batch in _batches(windows, self.tile_batch):
             crops = torch.cat([x[:, :, w.y : w.y + w.h, w.x : w.x + w.w] for w in batch])
-            out = self.model(
-                crops,
-                _repeat_rows(sigma, rows, len(batch)),
-                **_batch_cond(cond, batch, rows, self.plan.latent_size),
-            )
+            with self.around_batch(batch, rows):
+                out = self.model(
+                    crops,
+                    _repeat_rows(sigma, rows, len(batch)),
+                    **_batch_cond(cond, batch, rows, self.plan.latent_size),
+                )
             if out.shape != crops.shape:
                 raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(crops.shape)}")
             self.stats["model_calls"] += 1

@@ -15,6 +15,7 @@ import torch
 
 from ..denoiser import TiledDenoiser
 from ..plan import Plan
+from .controlnet import A1111Units
 from .patches import InstancePatches, ScheduleRecorder
 
 
@@ -31,8 +32,10 @@ class SamplerHook:
         plan: Plan,
         progress: Callable[[int, int], None] | None = None,
         on_note: Callable[[str], None] | None = None,
+        controlnet: Callable[[], A1111Units | None] = lambda: None,
     ):
         self.sampler, self.plan, self.progress, self.on_note = sampler, plan, progress, on_note
+        self.controlnet = controlnet  # the job's ControlNet units, looked up at the first call
         self.cfg = sampler.model_wrap_cfg
         self.inner = self.cfg.inner_model
         self.denoiser: TiledDenoiser | None = None
@@ -72,9 +75,17 @@ class SamplerHook:
                 if self.schedule.sigmas is None:
                     raise RuntimeError("Quadtree Tiled Diffusion: the sampler's schedule was not seen")
                 plan = plan.with_sigmas(self.schedule.sigmas)
+            units = self.controlnet()  # raises for a unit that cannot run per tile
             self.denoiser = TiledDenoiser(
-                model, plan, original=original, progress=self.progress, row_images=self._row_images
+                model,
+                plan,
+                original=original,
+                progress=self.progress,
+                row_images=self._row_images,
+                around_batch=units.around if units else None,
             )
+            if units and units.one_window_per_call:
+                self.denoiser.tile_batch = 1
             for note in self.denoiser.notes:
                 if self.on_note:
                     self.on_note(note)

@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 
 from ..denoiser import TiledDenoiser
 from ..plan import Plan
+from ..settings import TITLE
+from .controlnet import ForgeChain, forge_refusal
 from .patches import InstancePatches, ScheduleRecorder
 
 NO_SCHEDULE_NOTE = (
@@ -46,6 +49,9 @@ class UnetWrapper:
         self.progress, self.on_note = progress, on_note
         self.denoiser: TiledDenoiser | None = None
         self.error: Exception | None = None  # raised at the first call: rejected settings
+        self.controlnet: ForgeChain | None = None  # this step's ControlNets, see take_control
+        self._chunks: list[int] = []
+        self._chains: dict[int, ForgeChain] = {}  # one per ControlNet chain, kept for the pass
         self._noted: set[str] = set()
 
     def remove(self) -> None:
@@ -65,21 +71,49 @@ class UnetWrapper:
         def model(crops: torch.Tensor, sigma_rows: torch.Tensor, **cond: Any) -> torch.Tensor:
             windows = crops.shape[0] // x.shape[0]
             cond = _per_window_options(cond, chunks * windows, sigma_rows)
+            if self.controlnet is not None:
+                control = self.controlnet.control(crops, sigma_rows, cond, len(chunks) * windows)
+                cond = {**cond, "control": control, "control_model": self.controlnet.head}
             if self.previous is None:
                 return model_function(crops, sigma_rows, **cond)
             inner = {"input": crops, "timestep": sigma_rows, "c": cond, "cond_or_uncond": chunks * windows}
             return self.previous(model_function, inner)
 
-        untiled = self._untiled_reason(x, c)
-        if untiled:
-            self._note(untiled)
+        if tuple(x.shape[-2:]) != tuple(self.plan.latent_size):
+            self._note("Quadtree Tiled Diffusion: an area-conditioned call is passed through untiled.")
             return model(x, sigma, **c)
         if self.denoiser is None:
-            self.denoiser = TiledDenoiser(model, self._timed_plan(), self.original, progress=self.progress)
+            self.denoiser = TiledDenoiser(
+                model, self._timed_plan(), self.original, progress=self.progress, around_batch=self._around
+            )
             for note in self.denoiser.notes:
                 self._note(note)
         self.denoiser.model = model
+        self._chunks = chunks
         return self.denoiser(x, sigma, **c)
+
+    def take_control(self, model, x, timestep, uncond, cond, cond_scale, model_options, seed):
+        """A conditioning modifier: takes the ControlNets out of this step's conditions.
+
+        Forge would compute their control for the whole latent before calling the wrapper,
+        a pass that tiling then throws away (and, at 4K and more, the memory peak); the
+        wrapper computes it per window batch instead, and for any call it passes through.
+        """
+        self.controlnet = None
+        if self.error is None and self.plan is not None:
+            heads = {id(h): h for entry in [*cond, *(uncond or [])] if (h := entry.pop("control", None))}
+            if len(heads) > 1:
+                raise RuntimeError(f"{TITLE}: conditions with different ControlNets are not supported")
+            for key, head in heads.items():
+                if key not in self._chains:
+                    self._chains[key] = ForgeChain(head, self.plan.latent_size)
+                self.controlnet = self._chains[key]
+        return model, x, timestep, uncond, cond, cond_scale, model_options, seed
+
+    def _around(self, batch: list, rows: int):
+        if self.controlnet is None:
+            return nullcontext()
+        return self.controlnet.around(batch, rows, len(self._chunks))
 
     def _timed_plan(self) -> Plan:
         """The plan with start sigmas from the sampler's schedule, where variable denoise needs them."""
@@ -95,13 +129,6 @@ class UnetWrapper:
                 ],
             )
         return self.plan.with_sigmas(self.schedule.sigmas)
-
-    def _untiled_reason(self, x: torch.Tensor, c: dict) -> str | None:
-        if tuple(x.shape[-2:]) != tuple(self.plan.latent_size):
-            return "Quadtree Tiled Diffusion: an area-conditioned call is passed through untiled."
-        if c.get("control") is not None:
-            return "Quadtree Tiled Diffusion: ControlNet is active; its calls are passed through untiled."
-        return None
 
     def _note(self, note: str) -> None:
         if note not in self._noted and self.on_note:
@@ -134,6 +161,9 @@ def install(p: Any, plan: Plan | None, original: torch.Tensor | None, **callback
     sampler = getattr(p, "sampler", None)
     schedule = ScheduleRecorder(sampler, patches) if sampler is not None else None
     wrapper = UnetWrapper(plan, original, previous=previous, schedule=schedule, patches=patches, **callbacks)
+    if plan is not None:
+        wrapper.error = forge_refusal(p)
     unet.set_model_unet_function_wrapper(wrapper)
+    unet.model_options.setdefault("conditioning_modifiers", []).append(wrapper.take_control)
     p.sd_model.forge_objects.unet = unet
     return wrapper

@@ -7,6 +7,7 @@ hooking the denoiser live in a1111.py and forge.py.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,7 @@ from ..plan import Plan, build_plan
 from ..quadtree import LATENT_SCALE, latent_as_image
 from ..settings import TITLE, Settings, SettingsError
 from ..vae import should_tile
-from . import a1111, families, forge, vae_a1111
+from . import a1111, controlnet, families, forge, vae_a1111
 
 NO_ORIGINAL_NOTE = (
     f"{TITLE}: skip and variable denoise need an init image (img2img) or the hires-fix pass; "
@@ -93,7 +94,10 @@ class Job(_HookedJob):
         if _is_forge(p):
             self.hooks.append(forge.install(p, self.plan, x if has_original else None, **callbacks))
         else:
-            self.hooks.append(a1111.SamplerHook(p.sampler, self.plan, **callbacks).install())
+            units = functools.partial(controlnet.a1111_units, p, latent_size)
+            self.hooks.append(
+                a1111.SamplerHook(p.sampler, self.plan, controlnet=units, **callbacks).install()
+            )
 
     def postprocess_image(self, p: Any, pp: Any) -> None:
         """Keep pixels: paste the init image back into skipped tiles, faded across the overlap."""
