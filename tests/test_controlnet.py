@@ -89,10 +89,11 @@ def a1111_job(k_diffusion, state, init_image, units, job_args, batch=1, seed=21,
     return out, job, model
 
 
-@pytest.mark.parametrize("layout", ["one call", "split calls", "batch 2"])
+@pytest.mark.parametrize("layout", ["one call", "split calls", "batch 2", "and prompts"])
 @pytest.mark.parametrize("tile_batch", [1, 4])
 def test_a1111_controlnet_per_window_equals_untiled(k_diffusion, state, init_image, layout, tile_batch):
-    batch = 2 if layout == "batch 2" else 1
+    batch = 1 if layout in ("one call", "split calls") else 2
+    layouts = {"split calls": ("split_calls", True), "and prompts": ("repeats", [3, 1])}
     hint = cn.coordinate_hint(W, H)
 
     def run(tiled):
@@ -103,9 +104,7 @@ def test_a1111_controlnet_per_window_equals_untiled(k_diffusion, state, init_ima
         p.scripts = cn.a1111_scripts(hook)
         model = fake.AnalyticSD()
         model.control = hook
-        configure = (
-            (lambda cfg: setattr(cfg, "split_calls", True)) if layout == "split calls" else lambda cfg: None
-        )
+        configure = (lambda cfg: setattr(cfg, *layouts[layout])) if layout in layouts else lambda cfg: None
         job_args = several_windows(tile_batch=tile_batch)
         out, job = run_img2img(
             k_diffusion, state, p, job_args, original, noise, model=model, configure=configure, run_job=tiled
@@ -283,11 +282,21 @@ def test_forge_controlnet_per_window_equals_untiled_without_a_whole_image_pass(
     assert tiled_net.cond_hint_original is hint, "the ControlNet is given back"
 
 
-def test_forge_skipped_windows_cost_no_controlnet_call(k_diffusion, init_image, image_resize):
+def test_forge_skipped_and_not_yet_started_windows_cost_no_controlnet_call(
+    k_diffusion, init_image, image_resize
+):
     net = cn.ForgeControlNet(cn.coordinate_hint(W, H))
-    out, job, p = forge_job(k_diffusion, init_image, net, several_windows(skip_below=100))
+    job_args = several_windows(
+        skip_below=100, variable_denoise=True, denoise_largest=0.3, denoise_smallest=0.7
+    )
+    out, job, p = forge_job(k_diffusion, init_image, net, job_args)
     assert skipped_mask(job.plan).any()
     assert boxes_seen(net.model) == views(job.plan, lambda leaf: not leaf.skipped)
+    calls = p.sd_model.forge_objects_original.model.shapes
+    assert len(net.model.boxes) == len(calls), "one ControlNet evaluation per model call"
+    largest = [w for w in job.plan.windows if job.plan.leaves[w.leaves[0]].strength == 0.3]
+    seen = [box for call in net.model.boxes for box in call]
+    assert largest and all(seen.count((w.x, w.y, w.w, w.h)) < p.steps * 0.5 for w in largest), "late start"
 
 
 def test_forge_two_units_t2i_adapter_and_mask(k_diffusion, init_image, image_resize):
