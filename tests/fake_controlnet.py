@@ -114,6 +114,11 @@ class A1111ControlHook:
     def __init__(self, units: list[A1111Unit]):
         self.control_params = units
         self.vae_encodes = 0
+        self.restored = 0
+
+    def restore(self):  # what the script's postprocess calls: the UNet gets its forward back
+        self.control_params = None
+        self.restored += 1
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows, total = x.shape[0], torch.zeros(())

@@ -214,10 +214,21 @@ def test_a1111_each_pass_crops_its_own_hint_and_knows_which_pass_it_is(k_diffusi
 @pytest.mark.parametrize("name", ["tile_colorfix", "tile_colorfix+sharp", "inpaint_only+lama"])
 def test_a1111_units_that_need_the_whole_latent_are_refused_by_name(k_diffusion, state, init_image, name):
     unit = cn.A1111Unit(cn.coordinate_hint(W, H), name=name)
+    hook = cn.A1111ControlHook([unit])
+    p = fake.processing([init_image], W, H, 1, scripts=cn.a1111_scripts(hook))
     with pytest.raises(
         ValueError, match=re.escape(f"Quadtree Tiled Diffusion: the ControlNet unit '{name}'")
     ):
-        a1111_job(k_diffusion, state, init_image, [unit], args())
+        run_img2img(k_diffusion, state, p, args(), *latents(1, 25))
+    assert hook.restored == 1 and p.scripts.alwayson_scripts[1].latest_network is None, "its UNet hook undone"
+
+
+def test_a1111_rejected_settings_undo_controlnet_hook_too(k_diffusion, state, init_image):
+    hook = cn.A1111ControlHook([cn.A1111Unit(cn.coordinate_hint(W, H))])
+    p = fake.processing([init_image], W, H, 1, scripts=cn.a1111_scripts(hook))
+    with pytest.raises(Exception, match="overlap: 12"):
+        run_img2img(k_diffusion, state, p, args()[:5] + [12], *latents(1, 26))
+    assert hook.restored == 1 and p.scripts.alwayson_scripts[1].latest_network is None
 
 
 def test_a1111_units_are_given_back_when_a_call_fails(k_diffusion, state, init_image):

@@ -137,12 +137,14 @@ class SamplerHook:
 class FailingHook:
     """Makes the pass fail with `error` at its first model call (rejected settings)."""
 
-    def __init__(self, sampler: Any, error: Exception):
+    def __init__(self, sampler: Any, error: Exception, before_failing: Callable[[], None] = lambda: None):
         self.inner, self.error = sampler.model_wrap_cfg.inner_model, error
+        self.before_failing = before_failing  # undo what other extensions expect a job's end to undo
         self.patches = InstancePatches()
 
     def install(self) -> FailingHook:
         def fail(*args, **kwargs):
+            self.before_failing()
             raise self.error
 
         self.patches.set(self.inner, "forward", fail)

@@ -88,11 +88,33 @@ class A1111Units:
 
 def a1111_units(p: Any, latent_size: tuple[int, int]) -> A1111Units | None:
     """The job's ControlNet units (its script's hook holds them), or None without any."""
-    for script in getattr(getattr(p, "scripts", None), "alwayson_scripts", None) or []:
+    for script in _scripts(p):
         params = getattr(getattr(script, "latest_network", None), "control_params", None)
         if params:
-            return A1111Units(list(params), latent_size, bool(getattr(p, "is_hr_pass", False)))
+            try:
+                return A1111Units(list(params), latent_size, bool(getattr(p, "is_hr_pass", False)))
+            except ValueError:
+                release_a1111(p)
+                raise
     return None
+
+
+def release_a1111(p: Any) -> None:
+    """Undo sd-webui-controlnet's UNet hook before the extension fails a job on purpose.
+
+    Its postprocess, which undoes the hook, does not run after a failed job; the next
+    ControlNet job of the other tab (txt2img and img2img each have its script) would hook
+    on top of the stale one and leave the UNet broken until a restart (seen in A1111 1.10.1).
+    """
+    for script in _scripts(p):
+        network = getattr(script, "latest_network", None)
+        if callable(getattr(network, "restore", None)):
+            network.restore()
+            script.latest_network = None
+
+
+def _scripts(p: Any) -> list:
+    return getattr(getattr(p, "scripts", None), "alwayson_scripts", None) or []
 
 
 def _a1111_name(param: Any) -> str:
@@ -165,7 +187,7 @@ class ForgeChain:
 
 def forge_refusal(p: Any) -> Exception | None:
     """A refused unit of Forge's built-in ControlNet script in this job, as an error."""
-    for script in getattr(getattr(p, "scripts", None), "alwayson_scripts", None) or []:
+    for script in _scripts(p):
         units = getattr(script, "current_params", None)
         if isinstance(units, dict):
             names = [str(getattr(getattr(u, "preprocessor", None), "name", "")) for u in units.values()]

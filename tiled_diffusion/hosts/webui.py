@@ -122,7 +122,8 @@ class RejectedJob(_HookedJob):
             self.hooks.append(forge.install(p, None, None))
             self.hooks[-1].error = error
         else:
-            self.hooks.append(a1111.FailingHook(p.sampler, error).install())
+            release = functools.partial(controlnet.release_a1111, p)
+            self.hooks.append(a1111.FailingHook(p.sampler, error, before_failing=release).install())
 
 
 def start(p: Any, args: tuple, preparation: Preparation | None = None) -> Job | RejectedJob | None:
