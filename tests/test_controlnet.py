@@ -328,7 +328,8 @@ def test_forge_two_units_t2i_adapter_and_mask(k_diffusion, init_image, image_res
 
 def test_forge_tile_colorfix_is_refused_by_name(k_diffusion, init_image, image_resize):
     p = forge_processing(k_diffusion, init_image)
-    p.sd_model.forge_objects_original.controlnet_linked_list = cn.ForgeControlNet(cn.coordinate_hint(W, H))
+    net = cn.ForgeControlNet(cn.coordinate_hint(W, H))
+    p.sd_model.forge_objects_original.controlnet_linked_list = net
     unit = SimpleNamespace(preprocessor=SimpleNamespace(name="tile_colorfix+sharp"))
     p.scripts = SimpleNamespace(alwayson_scripts=[SimpleNamespace(current_params={0: unit})])
     original, noise = latents(1, 32)
@@ -336,6 +337,7 @@ def test_forge_tile_colorfix_is_refused_by_name(k_diffusion, init_image, image_r
         ValueError, match="the ControlNet unit 'tile_colorfix\\+sharp' cannot run tile by tile"
     ):
         run_forge(p, args(), original, noise)
+    assert net.full_size_calls == 0, "refused before any whole-image ControlNet pass"
 
 
 def test_forge_controlnet_is_given_back_when_a_call_fails(k_diffusion, init_image, image_resize):

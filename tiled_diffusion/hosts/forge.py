@@ -99,8 +99,10 @@ class UnetWrapper:
         a pass that tiling then throws away (and, at 4K and more, the memory peak); the
         wrapper computes it per window batch instead, and for any call it passes through.
         """
+        if self.error is not None:
+            raise self.error  # before Forge evaluates any ControlNet on the whole latent
         self.controlnet = None
-        if self.error is None and self.plan is not None:
+        if self.plan is not None:
             heads = {id(h): h for entry in [*cond, *(uncond or [])] if (h := entry.pop("control", None))}
             if len(heads) > 1:
                 raise RuntimeError(f"{TITLE}: conditions with different ControlNets are not supported")
