@@ -23,11 +23,13 @@ A1111_WHOLE_IMAGE = ("colorfix", "inpaint_only")  # both VAE-encode the hint ins
 FORGE_WHOLE_IMAGE = ("tile_colorfix",)  # a UNet block modifier holding the whole latent
 
 
-def _refuse(names: list[str], whole_image: tuple[str, ...]) -> None:
+def _refused(names: list[str], whole_image: tuple[str, ...]) -> ValueError | None:
+    """The error for the first unit that cannot run tile by tile, or None."""
     for name in names:
         reason = refusal(name, whole_image)
         if reason:
-            raise ValueError(f"{TITLE}: {reason}.")
+            return ValueError(f"{TITLE}: {reason}.")
+    return None
 
 
 class A1111Units:
@@ -40,7 +42,6 @@ class A1111Units:
     """
 
     def __init__(self, params: list[Any], latent_size: tuple[int, int], hires: bool):
-        _refuse([_a1111_name(param) for param in params], A1111_WHOLE_IMAGE)
         self.latent_size, self.hires = latent_size, hires
         self.spatial = []
         self.attention = []
@@ -91,11 +92,11 @@ def a1111_units(p: Any, latent_size: tuple[int, int]) -> A1111Units | None:
     for script in _scripts(p):
         params = getattr(getattr(script, "latest_network", None), "control_params", None)
         if params:
-            try:
-                return A1111Units(list(params), latent_size, bool(getattr(p, "is_hr_pass", False)))
-            except ValueError:
+            error = _refused([_a1111_name(param) for param in params], A1111_WHOLE_IMAGE)
+            if error:
                 release_a1111(p)
-                raise
+                raise error
+            return A1111Units(list(params), latent_size, bool(getattr(p, "is_hr_pass", False)))
     return None
 
 
@@ -191,8 +192,7 @@ def forge_refusal(p: Any) -> Exception | None:
         units = getattr(script, "current_params", None)
         if isinstance(units, dict):
             names = [str(getattr(getattr(u, "preprocessor", None), "name", "")) for u in units.values()]
-            try:
-                _refuse(names, FORGE_WHOLE_IMAGE)
-            except ValueError as error:
+            error = _refused(names, FORGE_WHOLE_IMAGE)
+            if error:
                 return error
     return None

@@ -50,7 +50,7 @@ class UnetWrapper:
         self.denoiser: TiledDenoiser | None = None
         self.error: Exception | None = None  # raised at the first call: rejected settings
         self.controlnet: ForgeChain | None = None  # this step's ControlNets, see take_control
-        self._chunks: list[int] = []
+        self._chunk_count = 1  # cond/uncond chunks in the current call
         self._chains: dict[int, ForgeChain] = {}  # one per ControlNet chain, kept for the pass
         self._noted: set[str] = set()
 
@@ -89,7 +89,7 @@ class UnetWrapper:
             for note in self.denoiser.notes:
                 self._note(note)
         self.denoiser.model = model
-        self._chunks = chunks
+        self._chunk_count = len(chunks)
         return self.denoiser(x, sigma, **c)
 
     def take_control(self, model, x, timestep, uncond, cond, cond_scale, model_options, seed):
@@ -115,7 +115,7 @@ class UnetWrapper:
     def _around(self, batch: list, rows: int):
         if self.controlnet is None:
             return nullcontext()
-        return self.controlnet.around(batch, rows, len(self._chunks))
+        return self.controlnet.around(batch, rows, self._chunk_count)
 
     def _timed_plan(self) -> Plan:
         """The plan with start sigmas from the sampler's schedule, where variable denoise needs them."""
