@@ -49,6 +49,7 @@ CONTROLS = (
     "Radio",
     "Dropdown",
     "Slider",
+    "Textbox",
     "Markdown",
     "Button",
     "Image",

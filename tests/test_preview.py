@@ -132,7 +132,10 @@ def test_variable_denoise_gives_tiles_start_sigmas(tmp_path, capsys):
     assert main([*argv, "-o", str(tmp_path / "p.png"), "--json", str(plan_file)]) == 0
     leaves = json.loads(plan_file.read_text())["leaves"]
     strengths = [leaf["strength"] for leaf in leaves]
-    assert min(strengths) == pytest.approx(0.3) and max(strengths) == pytest.approx(0.7)
+    assert min(strengths) == pytest.approx(0.1) and max(strengths) == pytest.approx(0.4)
+    # The defaults keep detail: the smallest (most detailed) tiles get the lowest strength.
+    smallest = min(leaf["w"] * leaf["h"] for leaf in leaves)
+    assert {leaf["strength"] for leaf in leaves if leaf["w"] * leaf["h"] == smallest} == {min(strengths)}
     assert all(0 < leaf["start_sigma"] < 14.6146 for leaf in leaves)
     by_strength = sorted(leaves, key=lambda leaf: leaf["strength"])  # stronger tiles start earlier
     assert all(a["start_sigma"] <= b["start_sigma"] for a, b in zip(by_strength, by_strength[1:]))

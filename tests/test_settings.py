@@ -73,6 +73,7 @@ def test_max_tile_must_be_twice_min_tile():
 def test_positional_api_args_follow_the_declared_order():
     args = [True, "MultiDiffusion", 50, 64, 256, 32, 2, 100, "Keep latent", True, 0.2, 0.6]
     args += [320, "Lanczos", 1.5, False, 2048, 512]  # appended later: min_window, upscale, VAE
+    args += ["Words where they are", "0 0 0.5 1: a red barn"]  # window prompts, regions
     settings = td.Settings.from_args(args)
     assert settings.as_args() == args
     older = td.Settings.from_args(args[:12])  # the API list before min_window was added
@@ -116,8 +117,14 @@ JOB = td.Settings(
     variable_denoise=True,
     denoise_largest=0.25,
     denoise_smallest=0.8,
+    window_prompts="Words where they are",
+    regions="0 0 0.5 1: a red barn, (wooden:1.2)\n0.5 0 1 1: a wheat field: golden",
 )
-JOBS = (JOB, dataclasses.replace(JOB, variable_denoise=False))
+JOBS = (
+    JOB,
+    dataclasses.replace(JOB, variable_denoise=False),
+    dataclasses.replace(JOB, window_prompts="Whole prompt", regions=""),
+)
 
 
 @pytest.fixture
@@ -150,6 +157,14 @@ def test_infotext_is_flat_scalars():
     info = JOB.infotext()
     assert all(isinstance(v, (bool, int, float, str)) for v in info.values())
     assert len(set(info)) == len(PARAMETERS)
+
+
+def test_a_job_without_regions_pastes_back_no_regions():
+    regions = PARAMETERS_BY_NAME["regions"]
+    info = {k: str(v) for k, v in td.Settings(enabled=True).infotext().items()}
+    assert regions.infotext_key not in info  # an empty value is left out (the WebUI drops it)
+    assert regions.read_infotext(info) == ""  # so that pasting it clears the regions box
+    assert regions.read_infotext({"Steps": "20"}) is None  # no Quadtree job: leave the box alone
 
 
 @pytest.mark.parametrize("tab", ["txt2img", "img2img"])

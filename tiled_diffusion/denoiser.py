@@ -12,6 +12,12 @@ import torch
 
 from .blend import weight_sum, window_weights
 from .plan import Plan, Window
+from .prompts import WindowPrompt
+
+# A host's conditioning of one window: given the window's prompt, the call's conditioning
+# keyword arguments and its row count, the same arguments with the cond rows made from the
+# window's prompt (uncond rows untouched).
+WindowConditioning = Callable[[WindowPrompt, dict, int], dict]
 
 NO_ORIGINAL_NOTE = (
     "Quadtree Tiled Diffusion: no original image (txt2img without hires fix), "
@@ -42,6 +48,7 @@ class TiledDenoiser:
         progress: Callable[[int, int], None] | None = None,
         row_images: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
         around_batch: Callable[[list[Window], int], AbstractContextManager] | None = None,
+        window_cond: WindowConditioning | None = None,
     ):
         self.model = model
         self.plan = plan
@@ -50,6 +57,8 @@ class TiledDenoiser:
         # Set up (and undo) what a host computes beside the model for a batch of windows,
         # e.g. ControlNet hints cut to the windows; given the batch and its rows per window.
         self.around_batch = around_batch or (lambda batch, rows: nullcontext())
+        # Windows whose prompt differs from the job's get their own cond rows from the host.
+        self.window_cond = window_cond
         self.tile_batch = plan.settings.tile_batch  # a host may lower it for one pass
         self.notes: list[str] = []
         self.stats = {"calls": 0, "model_calls": 0, "evaluated_pixels": 0}
@@ -79,17 +88,19 @@ class TiledDenoiser:
         windows = [
             w for w in self.plan.windows if original is None or self.plan.leaves[w.leaves[0]].is_active(level)
         ]
+        conds = self._window_conds(windows, cond, rows)
         self.stats["calls"] += 1
         acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         done = 0
-        for batch in _batches(windows, self.tile_batch):
+        for batch in _batches(windows, self.tile_batch, conds):
             crops = torch.cat([x[:, :, w.y : w.y + w.h, w.x : w.x + w.w] for w in batch])
+            window_conds = [conds[id(w)] for w in batch]
+            if all(c is cond for c in window_conds):
+                batch_cond = _batch_cond(cond, batch, rows, self.plan.latent_size)
+            else:
+                batch_cond = _batch_conds(window_conds, batch, rows, self.plan.latent_size)
             with self.around_batch(batch, rows):
-                out = self.model(
-                    crops,
-                    _repeat_rows(sigma, rows, len(batch)),
-                    **_batch_cond(cond, batch, rows, self.plan.latent_size),
-                )
+                out = self.model(crops, _repeat_rows(sigma, rows, len(batch)), **batch_cond)
             if out.shape != crops.shape:
                 raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(crops.shape)}")
             self.stats["model_calls"] += 1
@@ -109,6 +120,20 @@ class TiledDenoiser:
         if original is not None:
             acc += original
         return acc.to(x.dtype)
+
+    def _window_conds(self, windows: list[Window], cond: dict, rows: int) -> dict[int, dict]:
+        """Each window's conditioning (by id): the call's own, or the host's for its prompt
+        (computed once per distinct prompt and call)."""
+        by_prompt: dict[WindowPrompt, dict] = {WindowPrompt(): cond}
+        conds = {}
+        for w in windows:
+            prompt = self.plan.leaves[w.leaves[0]].prompt
+            if prompt not in by_prompt:
+                if self.window_cond is None:
+                    raise ValueError("plan: windows have prompts of their own, but no window_cond was given")
+                by_prompt[prompt] = self.window_cond(prompt, cond, rows)
+            conds[id(w)] = by_prompt[prompt]
+        return conds
 
     def _on_device(self, device: torch.device) -> tuple:
         """Weight maps, their sum over all windows and the original, moved once per device."""
@@ -153,14 +178,29 @@ def _sigma_value(sigma: torch.Tensor | float) -> float:
     return float(values[0])
 
 
-def _batches(windows: list[Window], size: int) -> list[list[Window]]:
-    """Windows of equal shape, `size` at a time."""
-    by_shape = sorted(windows, key=lambda w: (w.h, w.w))
+def _batches(windows: list[Window], size: int, conds: dict[int, dict] | None = None) -> list[list[Window]]:
+    """Windows of equal shape and conditioning shapes, `size` at a time."""
+
+    def key(w: Window) -> tuple:
+        return w.h, w.w, _shapes(conds[id(w)]) if conds else ()
+
+    by_shape = sorted(windows, key=key)
     batches = []
-    for _, group in groupby(by_shape, key=lambda w: (w.h, w.w)):
+    for _, group in groupby(by_shape, key=key):
         group = list(group)
         batches += [group[i : i + size] for i in range(0, len(group), size)]
     return batches
+
+
+def _shapes(value: Any) -> tuple:
+    """The shapes of the tensors in a conditioning structure (windows batched together need equal ones)."""
+    if isinstance(value, dict):
+        return tuple((k, _shapes(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return tuple(_shapes(v) for v in value)
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    return ()
 
 
 def _repeat_rows(value: Any, rows: int, times: int) -> Any:
@@ -183,3 +223,20 @@ def _batch_cond(value: Any, batch: list[Window], rows: int, latent_size: tuple[i
     if isinstance(value, torch.Tensor) and value.ndim == 4 and tuple(value.shape[-2:]) == latent_size:
         return torch.cat([value[:, :, w.y : w.y + w.h, w.x : w.x + w.w] for w in batch])
     return _repeat_rows(value, rows, len(batch))
+
+
+def _batch_conds(values: list[Any], batch: list[Window], rows: int, latent_size: tuple[int, int]) -> Any:
+    """Conditioning for a batch of windows that each have their own (of equal shapes): spatial
+    maps cropped, per-row tensors laid out window after window, anything else the first's."""
+    first = values[0]
+    if isinstance(first, dict):
+        new = {k: _batch_conds([v[k] for v in values], batch, rows, latent_size) for k in first}
+        return first if all(new[k] is v for k, v in first.items()) else new
+    if isinstance(first, (list, tuple)):
+        new = [_batch_conds([v[i] for v in values], batch, rows, latent_size) for i in range(len(first))]
+        return first if all(a is b for a, b in zip(new, first)) else type(first)(new)
+    if isinstance(first, torch.Tensor) and first.ndim == 4 and tuple(first.shape[-2:]) == latent_size:
+        return torch.cat([v[:, :, w.y : w.y + w.h, w.x : w.x + w.w] for v, w in zip(values, batch)])
+    if isinstance(first, torch.Tensor) and first.ndim >= 1 and first.shape[0] == rows:
+        return torch.cat(values) if len(values) > 1 else first
+    return first

@@ -9,6 +9,7 @@ from dataclasses import astuple, dataclass, field
 
 import torch
 
+from .prompts import WindowPrompt, parse_regions, phrases_left_out
 from .quadtree import LATENT_SCALE, Node, Region, build_quadtree, detail_grid
 from .settings import Settings
 
@@ -28,6 +29,12 @@ class Leaf:
     skipped: bool
     start_sigma: float | None  # the tile is denoised while sigma <= this; None = schedule unknown
     detail: float  # share of detailed pixels (0..1) that decided the split
+    prompt: WindowPrompt = WindowPrompt()  # what the tile is told beyond or short of the job's prompt
+
+    @property
+    def state(self) -> tuple:
+        """What tiles sharing a window must agree on."""
+        return self.strength, self.skipped, self.prompt
 
     def is_active(self, sigma: float) -> bool:
         if self.skipped or self.start_sigma is None:
@@ -49,7 +56,7 @@ class Window:
     w: int
     h: int
     bands: tuple[Region, ...]  # blended parts, in latent pixels of the whole image; inside the view
-    leaves: tuple[int, ...]  # indices into Plan.leaves, all of one strength and skip state
+    leaves: tuple[int, ...]  # indices into Plan.leaves, all of one strength, skip state and prompt
 
 
 @dataclass
@@ -107,6 +114,7 @@ class Plan:
                 "starts_with_job": start is not None and math.isinf(start),
                 "start_sigma": None if start is None or math.isinf(start) else start,
                 "detail": round(leaf.detail, 3),
+                "prompt": {"added": list(leaf.prompt.added), "left_out": list(leaf.prompt.left_out)},
             }
 
         return {
@@ -165,6 +173,7 @@ def build_plan(
     latent_size: tuple[int, int],
     sigmas: torch.Tensor | None = None,
     align: int = 1,
+    placed: dict[str, torch.Tensor] | None = None,
 ) -> Plan:
     """The tiling plan of one job.
 
@@ -175,6 +184,8 @@ def build_plan(
         to give each tile its start sigma.
     align: every coordinate of the leaves, bands and views is a multiple of this many latent
         pixels, or the image's own border (2 for models with 2x2 patches: Flux, SD3).
+    placed: "Words where they are": phrase -> where its attention lies ([H, W] bool on the
+        latent grid, `prompts.placed_masks`); a tile is not told the phrases placed elsewhere.
     """
     height, width = (int(v) for v in latent_size)
     if height <= 0 or width <= 0:
@@ -193,13 +204,21 @@ def build_plan(
     skipped = [min(n.region.w, n.region.h) * scale < settings.skip_below for n in nodes]
     active = [n.region for n, s in zip(nodes, skipped) if not s]
     strengths = dict(zip(active, tile_strengths(active, settings)))
+    regions = parse_regions(settings.regions)
     leaves = []
     for node, skip in zip(nodes, skipped):
         r = node.region
         strength = 0.0 if skip else strengths[r]
         # Strength 0 (variable denoise down to 0) is a skip too: the tile never starts.
         start = start_sigma(strength, sigmas)
-        leaves.append(Leaf(r.x, r.y, r.w, r.h, strength, strength == 0, start, node.detail))
+        prompt = WindowPrompt()
+        if strength > 0:  # a skipped tile is never told anything
+            centre = ((r.x + r.w / 2) / width, (r.y + r.h / 2) / height)
+            prompt = WindowPrompt(
+                added=tuple(region.prompt for region in regions if region.covers(*centre)),
+                left_out=phrases_left_out(placed, *astuple(r)) if placed else (),
+            )
+        leaves.append(Leaf(r.x, r.y, r.w, r.h, strength, strength == 0, start, node.detail, prompt))
     notes = []
     if settings.variable_denoise and sigmas is None:
         notes.append(NO_SCHEDULE_NOTE)
@@ -219,13 +238,13 @@ def build_plan(
 
 
 def _groups(node: Node, index: dict, leaves: list[Leaf], max_side: int) -> list[tuple[Region, tuple]]:
-    """Maximal subtrees (at most max_side) whose leaves share strength and skip state.
+    """Maximal subtrees (at most max_side) whose leaves share strength, skip state and prompt.
 
     Each becomes one window: neighbouring tiles that would be denoised alike need no
     seams between them, and sharing a window gives small tiles context at no extra cost.
     """
     members = tuple(index[leaf.region] for leaf in node.leaves())
-    states = {(leaves[i].strength, leaves[i].skipped) for i in members}
+    states = {leaves[i].state for i in members}
     r = node.region
     if len(states) == 1 and max(r.w, r.h) <= max_side or not node.children:
         return [(r, members)]
@@ -268,7 +287,7 @@ def _windows(
         x0, y0 = max(region.x - reach, 0), max(region.y - reach, 0)
         x1, y1 = min(region.x + region.w + reach, width), min(region.y + region.h + reach, height)
         band = Region(x0, y0, x1 - x0, y1 - y0)
-        state = (leaves[members[0]].strength, leaves[members[0]].skipped)
+        state = leaves[members[0]].state
         alone = _view([band], min_view, width, height, align)
         for same, bands, indices in packed:
             if same != state:

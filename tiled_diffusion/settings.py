@@ -7,12 +7,14 @@ the command line options and the README table are all derived from `PARAMETERS`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
 TITLE = "Quadtree Tiled Diffusion"  # the script's title; its API name is TITLE.lower()
 METHODS = ("MultiDiffusion", "Mixture of Diffusers")
 SKIP_MODES = ("Keep pixels", "Keep latent")
+WINDOW_PROMPTS = ("Whole prompt", "Words where they are")
 # What variable denoise does to the job's strength (help text, UI note and README say this).
 JOB_STRENGTH = (
     "Replaces the img2img denoising strength: the job runs at the largest strength of any tile "
@@ -42,12 +44,15 @@ class Param:
     label: str
     default: Any
     help: str
-    group: str  # "tiles", "skip", "variable denoise", "upscale" or "vae": how the UI groups controls
+    group: (
+        str  # "tiles", "skip", "variable denoise", "prompts", "upscale" or "vae": how the UI groups controls
+    )
     minimum: float | None = None
     maximum: float | None = None
     step: float | None = None
     choices: tuple[str, ...] | None = None
     names: str | None = None  # a text parameter whose choices only the host knows: what they are
+    text: Callable[[str], Any] | None = None  # free text (may be empty): checks it, raises SettingsError
 
     @property
     def kind(self) -> type:
@@ -65,6 +70,8 @@ class Param:
             return self.names
         if self.kind is bool:
             return "true or false"
+        if self.text:
+            return "text"
         text = f"{'an integer' if self.kind is int else 'a number'} from {self.minimum:g} to {self.maximum:g}"
         if self.kind is int and self.step and self.step > 1:
             text += f" in steps of {self.step:g}"
@@ -76,6 +83,11 @@ class Param:
         if self.kind is bool:
             if not isinstance(value, bool):
                 raise bad
+            return value
+        if self.text:
+            if not isinstance(value, str):
+                raise bad
+            self.text(value)
             return value
         if self.choices or self.names:
             if not isinstance(value, str) or not value or (self.choices and value not in self.choices):
@@ -100,6 +112,8 @@ class Param:
         the key instead, the API would convert the string with the control's type, and
         bool("False") is True."""
         raw = params.get(self.infotext_key)
+        if raw is None and self.text and any(key.startswith("Quadtree ") for key in params):
+            return ""  # a job's empty text is left out of its infotext (see Settings.infotext)
         if raw is None or self.kind is str:
             return raw
         if self.kind is bool:
@@ -207,14 +221,16 @@ PARAMETERS: tuple[Param, ...] = (
         "Variable denoise",
         False,
         "Give each tile its own denoising strength, from 'Denoise at largest tiles' to "
-        "'Denoise at smallest tiles' by tile size. " + JOB_STRENGTH,
+        "'Denoise at smallest tiles' by tile size: by default the large flat tiles are refined "
+        "and the small detailed ones kept. " + JOB_STRENGTH,
         "variable denoise",
     ),
     Param(
         "denoise_largest",
         "Denoise at largest tiles",
-        0.3,
-        "Denoising strength of the largest tiles (flat regions).",
+        0.4,
+        "Denoising strength of the largest tiles (flat regions: sky, walls, skin), where a "
+        "stronger refine adds texture without inventing anything.",
         "variable denoise",
         0.0,
         1.0,
@@ -223,8 +239,10 @@ PARAMETERS: tuple[Param, ...] = (
     Param(
         "denoise_smallest",
         "Denoise at smallest tiles",
-        0.7,
-        "Denoising strength of the smallest tiles (detailed regions).",
+        0.1,
+        "Denoising strength of the smallest tiles (detailed regions: faces, text, hair). Below "
+        "'Denoise at largest tiles' (the default) keeps their detail; above it adds detail where "
+        "there is detail.",
         "variable denoise",
         0.0,
         1.0,
@@ -294,9 +312,39 @@ PARAMETERS: tuple[Param, ...] = (
         4096,
         64,
     ),
+    Param(
+        "window_prompts",
+        "Window prompts",
+        "Whole prompt",
+        "What each window is told. 'Whole prompt': every window gets the job's prompt. 'Words "
+        "where they are': the prompt's comma-separated phrases are placed by the model's own "
+        "cross-attention over the init image (one model call at the model's size before sampling); "
+        "a window gets the phrases whose attention lies over it, and phrases that attend to the "
+        "whole picture (style words) stay in every window, so tiles do not invent the prompt's "
+        "objects where they are not.",
+        "prompts",
+        choices=WINDOW_PROMPTS,
+    ),
+    Param(
+        "regions",
+        "Regions",
+        "",
+        "One region per line, 'x0 y0 x1 y1: prompt', in fractions of the image ('0 0 0.5 1: "
+        "a red barn' is the left half). A tile gets the job's prompt plus the prompt of each "
+        "region that covers the tile's centre (added to every AND part); tiles with different "
+        "prompts never share a window. Empty: no regions.",
+        "prompts",
+        text=lambda value: _check_regions(value),
+    ),
 )
 
 PARAMETERS_BY_NAME = {p.name: p for p in PARAMETERS}
+
+
+def _check_regions(text: str) -> None:
+    from .prompts import parse_regions  # prompts.py raises SettingsError, declared here
+
+    parse_regions(text)
 
 
 @dataclass(frozen=True)
@@ -321,6 +369,8 @@ class Settings:
     tiled_vae: bool = PARAMETERS_BY_NAME["tiled_vae"].default
     vae_tile_above: int = PARAMETERS_BY_NAME["vae_tile_above"].default
     vae_tile: int = PARAMETERS_BY_NAME["vae_tile"].default
+    window_prompts: str = PARAMETERS_BY_NAME["window_prompts"].default
+    regions: str = PARAMETERS_BY_NAME["regions"].default
 
     def __post_init__(self) -> None:
         for p in PARAMETERS:
@@ -366,8 +416,13 @@ class Settings:
         return [getattr(self, p.name) for p in PARAMETERS]
 
     def infotext(self) -> dict[str, Any]:
-        """Flat scalar infotext entries (never a dict value: the WebUI cuts those at commas)."""
-        return {p.infotext_key: getattr(self, p.name) for p in PARAMETERS}
+        """Flat scalar infotext entries (never a dict value: the WebUI cuts those at commas).
+        Empty text (no regions) is left out: the WebUI would drop an empty value anyway."""
+        return {
+            p.infotext_key: getattr(self, p.name)
+            for p in PARAMETERS
+            if not (p.text and getattr(self, p.name) == "")
+        }
 
 
 assert tuple(f.name for f in fields(Settings)) == tuple(PARAMETERS_BY_NAME), (

@@ -18,6 +18,7 @@ from .settings import JOB_STRENGTH, PARAMETERS, PARAMETERS_BY_NAME, TITLE, Setti
 
 ELEM_ID = "quadtree-td"  # + the tab: the WebUI builds the script once per tab on one page
 TABS = ("txt2img", "img2img")
+REGION_EXAMPLE = "0 0 0.5 1: a red barn\n0.5 0 1 1: a wheat field"  # the regions box's placeholder
 PREVIEW_STEPS = 20  # steps of the Karras schedule that sets the tiles' start sigmas in the preview
 
 # Rows of controls, group by group; every parameter but "enabled" appears exactly once.
@@ -30,6 +31,7 @@ ROWS = {
     ),
     "skip": (("skip_below", "skip_mode"),),
     "variable denoise": (("variable_denoise",), ("denoise_largest", "denoise_smallest")),
+    "prompts": (("window_prompts",), ("regions",)),
     "upscale": (("upscaler", "scale_factor"),),
     "vae": (("tiled_vae",), ("vae_tile_above", "vae_tile")),
 }
@@ -96,6 +98,10 @@ def _control(gr, p, elem_id: str, upscalers=None):
     if p.names:  # the host's upscalers
         names = list(upscalers or [p.default])
         return gr.Dropdown(names, value=p.default, label=p.label, elem_id=elem_id)
+    if p.text:
+        return gr.Textbox(
+            value=p.default, label=p.label, lines=3, placeholder=REGION_EXAMPLE, elem_id=elem_id
+        )
     if p.choices:
         return gr.Radio(list(p.choices), value=p.default, label=p.label, elem_id=elem_id)
     if p.kind is bool:

@@ -15,8 +15,10 @@ import torch
 
 from ..denoiser import TiledDenoiser
 from ..plan import Plan
+from ..prompts import WindowPrompt
 from .controlnet import A1111Units
 from .patches import InstancePatches, ScheduleRecorder
+from .prompts import WindowConds, cond_parts
 
 
 class SamplerHook:
@@ -33,9 +35,16 @@ class SamplerHook:
         progress: Callable[[int, int], None] | None = None,
         on_note: Callable[[str], None] | None = None,
         controlnet: Callable[[], A1111Units | None] = lambda: None,
+        window_conds: Callable[[], WindowConds] | None = None,
     ):
         self.sampler, self.plan, self.progress, self.on_note = sampler, plan, progress, on_note
         self.controlnet = controlnet  # the job's ControlNet units, looked up at the first call
+        # Windows with prompts of their own: the pass's WindowConds, made at the first call.
+        self.make_window_conds = window_conds if any(leaf.prompt for leaf in plan.leaves) else None
+        self.window_conds: WindowConds | None = None
+        self.rows_seen = 0  # rows of the CFG denoiser's batch handed to the inner model this step
+        self.cond_rows: int | None = None  # how many of them are cond rows (they come first)
+        self.call_rows = range(0)  # the batch rows of the inner call being evaluated
         self.cfg = sampler.model_wrap_cfg
         self.inner = self.cfg.inner_model
         self.denoiser: TiledDenoiser | None = None
@@ -46,10 +55,16 @@ class SamplerHook:
     def install(self) -> SamplerHook:
         model = self.inner.forward  # the class's bound forward, called for every window batch
         if self.timesteps:
-            self.patches.set(self.inner, "forward", lambda x, t, **kw: self._eps_forward(model, x, t, **kw))
+            self.patches.set(
+                self.inner, "forward", lambda x, t, **kw: self._by_rows(self._eps_forward, model, x, t, **kw)
+            )
         else:
             self.patches.set(
-                self.inner, "forward", lambda x, sigma, **kw: self._denoiser(model)(x, sigma, **kw)
+                self.inner,
+                "forward",
+                lambda x, sigma, **kw: self._by_rows(
+                    lambda m, x, s, **k: self._denoiser(m)(x, s, **k), model, x, sigma, **kw
+                ),
             )
         self.schedule = ScheduleRecorder(
             self.sampler, self.patches, self._sigmas_of_timesteps if self.timesteps else None
@@ -58,6 +73,11 @@ class SamplerHook:
 
         def remember_x(x, *args, **kwargs):
             self.step_x = x  # the B rows of this step: inner-model rows are copies of them
+            # The inner calls of this step take the batch's rows in order, cond rows (one per
+            # image and AND part) first; count them to tell cond rows from uncond rows.
+            cond = kwargs.get("cond", args[2] if len(args) > 2 else None)
+            self.rows_seen = 0
+            self.cond_rows = sum(len(parts) for parts in cond.batch) if hasattr(cond, "batch") else None
             return cfg_forward(x, *args, **kwargs)
 
         self.patches.set(self.cfg, "forward", remember_x)
@@ -83,6 +103,7 @@ class SamplerHook:
                 progress=self.progress,
                 row_images=self._row_images,
                 around_batch=units.around if units else None,
+                window_cond=self._window_cond if self.make_window_conds else None,
             )
             if units and units.one_window_per_call:
                 self.denoiser.tile_batch = 1
@@ -91,6 +112,71 @@ class SamplerHook:
                     self.on_note(note)
         self.denoiser.model = model  # timestep samplers give a model bound to this call's step
         return self.denoiser
+
+    def _by_rows(self, forward: Callable, model: Callable, x: torch.Tensor, level, **kwargs) -> torch.Tensor:
+        """Evaluate one inner call, knowing which rows of the step's batch it holds.
+
+        Where windows have their own prompts and a window's cond rows would not have the
+        length of the call's uncond rows, the call's cond and uncond rows are evaluated
+        apart, as A1111 itself evaluates a cond and an uncond of different lengths.
+        """
+        first = self.rows_seen
+        self.rows_seen += x.shape[0]
+        rows = range(first, first + x.shape[0])
+        cond_count = self._cond_count(rows)
+        if 0 < cond_count < len(rows) and self._lengths_differ(kwargs["cond"]):
+            parts = [(0, cond_count), (cond_count, len(rows))]
+            return torch.cat(
+                [self._with_rows(forward, model, x, level, rows, a, b, **kwargs) for a, b in parts]
+            )
+        self.call_rows = rows
+        return forward(model, x, level, **kwargs)
+
+    def _with_rows(self, forward, model, x, level, rows, a, b, **kwargs) -> torch.Tensor:
+        self.call_rows = rows[a:b]
+        n = x.shape[0]
+        return forward(model, x[a:b], _row_slice(level, n, a, b), **_row_slice(kwargs, n, a, b))
+
+    def _cond_count(self, rows: range) -> int:
+        """How many of these batch rows are cond rows (0 when windows keep the job's prompt)."""
+        if self.make_window_conds is None:
+            return 0
+        if self.cond_rows is None:
+            raise RuntimeError("Quadtree Tiled Diffusion: the step's conditioning was not seen")
+        return sum(1 for row in rows if row < self.cond_rows)
+
+    def _lengths_differ(self, cond: dict) -> bool:
+        """Whether some window prompt's rows have another token length than this call's."""
+        length = _crossattn(cond).shape[1]
+        return any(
+            cond_parts(self._conds().at_step(prompt, self.cfg.step)[1])["crossattn"].shape[1] != length
+            for prompt in {leaf.prompt for leaf in self.plan.leaves if leaf.prompt}
+        )
+
+    def _conds(self) -> WindowConds:
+        if self.window_conds is None:
+            self.window_conds = self.make_window_conds()
+        return self.window_conds
+
+    def _window_cond(self, prompt: WindowPrompt, kwargs: dict, rows: int) -> dict:
+        """The call's conditioning with each cond row made from the window's prompt."""
+        cond = kwargs["cond"]
+        picks = [(i, row) for i, row in enumerate(self.call_rows) if row < self.cond_rows]
+        if not picks:  # uncond rows only: nothing of the window's own
+            return kwargs
+        _, window = self._conds().at_step(prompt, self.cfg.step)
+        new = dict(cond)
+        for name, rows_of_prompt in cond_parts(window).items():
+            key = "c_crossattn" if name == "crossattn" and "c_crossattn" in cond else name
+            old = cond[key][0] if key == "c_crossattn" else cond[key]
+            chosen = rows_of_prompt[[row for _, row in picks]].to(old)
+            if len(picks) == old.shape[0]:
+                value = chosen
+            else:  # cond and uncond rows in one call: the lengths agree (see _by_rows)
+                value = old.clone()
+                value[[i for i, _ in picks]] = chosen
+            new[key] = [value] if key == "c_crossattn" else value
+        return {**kwargs, "cond": new}
 
     def _row_images(self, x: torch.Tensor, images: int) -> torch.Tensor:
         """Which image each row is a copy of (AND prompts repeat an image's cond rows)."""
@@ -132,6 +218,21 @@ class SamplerHook:
 
         x0 = self._denoiser(x0_model)(x / scale, sigma.flatten(), **kwargs)
         return (x - scale * x0) / (1 - alpha).sqrt()
+
+
+def _crossattn(cond: dict) -> torch.Tensor:
+    return cond["c_crossattn"][0] if "c_crossattn" in cond else cond["crossattn"]
+
+
+def _row_slice(value: Any, rows: int, a: int, b: int) -> Any:
+    """Rows a:b of every per-row tensor (first dimension `rows`) in a conditioning structure."""
+    if isinstance(value, dict):
+        return {k: _row_slice(v, rows, a, b) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_row_slice(v, rows, a, b) for v in value)
+    if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == rows:
+        return value[a:b]
+    return value
 
 
 class FailingHook:

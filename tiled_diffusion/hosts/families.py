@@ -22,6 +22,12 @@ class Family:
     align: int = 1  # windows start and end on multiples of this many latent pixels
     refused: str | None = None  # why the job cannot be tiled, naming the model type
 
+    @property
+    def cross_attention(self) -> bool:
+        """Whether the model has text cross-attention maps to read (UNets); the patch
+        transformers (SD3, Flux, Chroma) attend to text and image jointly."""
+        return self.align == 1 and self.refused is None
+
 
 def of_job(p: Any) -> Family:
     """The family of the model that will run this job (`p.sd_model`, set by both hosts)."""

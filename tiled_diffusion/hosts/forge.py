@@ -16,9 +16,11 @@ import torch
 
 from ..denoiser import TiledDenoiser
 from ..plan import Plan
+from ..prompts import WindowPrompt
 from ..settings import TITLE
 from .controlnet import ForgeChain, forge_refusal
 from .patches import InstancePatches, ScheduleRecorder
+from .prompts import WindowConds, cond_parts
 
 NO_SCHEDULE_NOTE = (
     "Quadtree Tiled Diffusion: variable denoise needs a k-diffusion sampler in Forge; "
@@ -43,6 +45,8 @@ class UnetWrapper:
         patches: InstancePatches | None = None,
         progress: Callable[[int, int], None] | None = None,
         on_note: Callable[[str], None] | None = None,
+        window_conds: Callable[[], WindowConds] | None = None,
+        cfg: Any = None,
     ):
         self.plan, self.original, self.previous, self.schedule = plan, original, previous, schedule
         self.patches = patches or InstancePatches()  # the schedule recorder's, on the sampler
@@ -50,7 +54,14 @@ class UnetWrapper:
         self.denoiser: TiledDenoiser | None = None
         self.error: Exception | None = None  # raised at the first call: rejected settings
         self.controlnet: ForgeChain | None = None  # this step's ControlNets, see take_control
-        self._chunk_count = 1  # cond/uncond chunks in the current call
+        self._chunks: list[int] = [0]  # cond_or_uncond of the current call
+        # Windows with prompts of their own: the pass's WindowConds (made at the first call),
+        # the CFG denoiser whose step picks their rows, and the step's cond entries.
+        has_prompts = plan is not None and any(leaf.prompt for leaf in plan.leaves)
+        self.make_window_conds = window_conds if has_prompts else None
+        self.window_conds: WindowConds | None = None
+        self.cfg = cfg
+        self.job_conds: list[torch.Tensor] = []  # crossattn of each cond entry (AND part), in order
         self._chains: dict[int, ForgeChain] = {}  # one per ControlNet chain, kept for the pass
         self._noted: set[str] = set()
 
@@ -84,12 +95,17 @@ class UnetWrapper:
             return model(x, sigma, **c)
         if self.denoiser is None:
             self.denoiser = TiledDenoiser(
-                model, self._timed_plan(), self.original, progress=self.progress, around_batch=self._around
+                model,
+                self._timed_plan(),
+                self.original,
+                progress=self.progress,
+                around_batch=self._around,
+                window_cond=self._window_cond if self.make_window_conds else None,
             )
             for note in self.denoiser.notes:
                 self._note(note)
         self.denoiser.model = model
-        self._chunk_count = len(chunks)
+        self._chunks = list(chunks)
         return self.denoiser(x, sigma, **c)
 
     def take_control(self, model, x, timestep, uncond, cond, cond_scale, model_options, seed):
@@ -102,6 +118,8 @@ class UnetWrapper:
         if self.error is not None:
             raise self.error  # before Forge evaluates any ControlNet on the whole latent
         self.controlnet = None
+        if self.make_window_conds is not None:
+            self.job_conds = [entry["model_conds"]["c_crossattn"].cond for entry in cond]
         if self.plan is not None:
             heads = {id(h): h for entry in [*cond, *(uncond or [])] if (h := entry.pop("control", None))}
             if len(heads) > 1:
@@ -115,7 +133,52 @@ class UnetWrapper:
     def _around(self, batch: list, rows: int):
         if self.controlnet is None:
             return nullcontext()
-        return self.controlnet.around(batch, rows, self._chunk_count)
+        return self.controlnet.around(batch, rows, len(self._chunks))
+
+    def _window_cond(self, prompt: WindowPrompt, cond: dict, rows: int) -> dict:
+        """The call's conditioning with each cond chunk's rows made from the window's prompt.
+
+        A cond chunk holds one AND part of every image (Forge batches the parts as separate
+        conditions); rows of different token lengths are repeated to their least common
+        multiple, as Forge concatenates conditions (exact for attention).
+        """
+        if self.window_conds is None:
+            self.window_conds = self.make_window_conds()
+        conds_list, window = self.window_conds.at_step(prompt, self.cfg.step)
+        parts = cond_parts(window)
+        per_chunk = rows // len(self._chunks)
+        crossattn, pooled = cond["c_crossattn"], cond.get("y")
+        if pooled is not None and "vector" in parts:
+            pooled = pooled.clone()
+        pieces = []
+        for j, kind in enumerate(self._chunks):
+            own = slice(j * per_chunk, (j + 1) * per_chunk)
+            if kind != 0:
+                pieces.append(crossattn[own])
+                continue
+            part = self._and_part(crossattn[own])
+            feed = [conds_list[i][part][0] for i in range(per_chunk)]
+            pieces.append(parts["crossattn"][feed].to(crossattn))
+            if pooled is not None and "vector" in parts:
+                pooled[own] = parts["vector"][feed].to(pooled)
+        length = math.lcm(*(piece.shape[1] for piece in pieces))
+        new = {**cond, "c_crossattn": torch.cat([p.repeat(1, length // p.shape[1], 1) for p in pieces])}
+        if pooled is not None:
+            new["y"] = pooled
+        return new
+
+    def _and_part(self, rows: torch.Tensor) -> int:
+        """Which AND part of the prompt a cond chunk holds: the step's condition whose
+        crossattn it equals (repeated to the call's length)."""
+        if len(self.job_conds) <= 1:
+            return 0
+        for part, own in enumerate(self.job_conds):
+            own = own.to(rows)
+            if rows.shape[1] % own.shape[1] == 0 and torch.equal(
+                rows, own.repeat(1, rows.shape[1] // own.shape[1], 1)
+            ):
+                return part
+        raise RuntimeError(f"{TITLE}: a cond chunk matches no AND part of the prompt")
 
     def _timed_plan(self) -> Plan:
         """The plan with start sigmas from the sampler's schedule, where variable denoise needs them."""
@@ -162,7 +225,10 @@ def install(p: Any, plan: Plan | None, original: torch.Tensor | None, **callback
     patches = InstancePatches()
     sampler = getattr(p, "sampler", None)
     schedule = ScheduleRecorder(sampler, patches) if sampler is not None else None
-    wrapper = UnetWrapper(plan, original, previous=previous, schedule=schedule, patches=patches, **callbacks)
+    cfg = getattr(sampler, "model_wrap_cfg", None)
+    wrapper = UnetWrapper(
+        plan, original, previous=previous, schedule=schedule, patches=patches, cfg=cfg, **callbacks
+    )
     if plan is not None:
         wrapper.error = forge_refusal(p)
     unet.set_model_unet_function_wrapper(wrapper)

@@ -18,9 +18,12 @@ from PIL import Image
 from ..blend import paste_kept_pixels
 from ..plan import Plan, build_plan
 from ..quadtree import LATENT_SCALE, latent_as_image
-from ..settings import TITLE, Settings, SettingsError
+from ..settings import TITLE, WINDOW_PROMPTS, Settings, SettingsError
 from ..vae import should_tile
-from . import a1111, controlnet, families, forge, vae_a1111
+from . import a1111, controlnet, families, forge, vae_a1111, words
+from .prompts import WindowConds
+
+WORDS = WINDOW_PROMPTS[1]  # "Words where they are"
 
 NO_ORIGINAL_NOTE = (
     f"{TITLE}: skip and variable denoise need an init image (img2img) or the hires-fix pass; "
@@ -46,20 +49,22 @@ class _HookedJob:
 class Job(_HookedJob):
     """The extension's work on one generation job."""
 
-    def __init__(self, settings: Settings, p: Any, align: int = 1):
+    def __init__(self, settings: Settings, p: Any, family: families.Family | None = None):
         super().__init__()
         self.settings = settings
         self.img2img = bool(getattr(p, "init_images", None))
         self.plan: Plan | None = None
         self.pasting: list[Image.Image] = []  # init images to paste into skipped tiles
-        self.align = align  # the model's latent patch grid
+        self.family = family or families.Family("unknown")
+        self.planned: tuple | None = None  # (picture, settings) the plan was built from
+        self.placed_for: tuple | None = None  # the pass whose words were placed
         p.extra_generation_params.update(settings.infotext())
         if self.img2img:
             # The plan comes from the init image as the job resizes it; known already here,
             # so the job's strength can be set before the sampler reads it.
             images = [_resized_init_image(p, image) for image in p.init_images]
             size = (p.height // LATENT_SCALE, p.width // LATENT_SCALE)
-            self.plan = build_plan(images[0], settings, size, align=self.align)
+            self._build(images[0], settings, size)
             if settings.skip_mode == "Keep pixels" and any(leaf.skipped for leaf in self.plan.leaves):
                 self.pasting = images
         if settings.variable_denoise:
@@ -70,6 +75,10 @@ class Job(_HookedJob):
             )
             p.denoising_strength = strength  # the per-tile range replaces the img2img strength
 
+    def _build(self, picture, settings: Settings, latent_size: tuple, placed: dict | None = None) -> None:
+        self.planned = picture, settings
+        self.plan = build_plan(picture, settings, latent_size, align=self.family.align, placed=placed)
+
     def before_sampling(self, p: Any, x: torch.Tensor) -> None:
         """Install the tiled denoiser for the sampling pass about to start (`x`: its latent)."""
         latent_size = tuple(x.shape[-2:])
@@ -79,25 +88,56 @@ class Job(_HookedJob):
             # txt2img: the hires pass starts from the upscaled first pass. A first pass has no
             # picture yet: an even grid of the largest tiles, all denoised from the start.
             if hires:
-                self.plan = build_plan(latent_as_image(x[0]), self.settings, latent_size, align=self.align)
+                self._build(latent_as_image(x[0]), self.settings, latent_size)
             else:
                 plain = dataclasses.replace(self.settings, skip_below=0, variable_denoise=False)
-                self.plan = build_plan(
-                    np.zeros((*latent_size, 3), dtype=np.uint8), plain, latent_size, align=self.align
-                )
+                self._build(np.zeros((*latent_size, 3), dtype=np.uint8), plain, latent_size)
             self.pasting = []
+        if self.settings.window_prompts == WORDS and has_original:
+            self._place_words(p, x, hires)
         wanted = self.settings.skip_below > 0 or self.settings.variable_denoise
         if not has_original and wanted and not getattr(p, "enable_hr", False):
             _note(p, NO_ORIGINAL_NOTE)
+        if any(leaf.prompt for leaf in self.plan.leaves):
+            for window in self.plan.windows:
+                prompt = self.plan.leaves[window.leaves[0]].prompt
+                left, top, width, height = (
+                    side * LATENT_SCALE for side in (window.x, window.y, window.w, window.h)
+                )
+                _log(f"window {width}x{height} px at ({left}, {top}): {prompt.describe()}")
         callbacks = {"progress": _progress, "on_note": lambda note: _note(p, note)}
+        window_conds = functools.partial(WindowConds, p, hires)
         self.finish()  # the previous pass's hook (Forge also calls this twice before a hires pass)
         if _is_forge(p):
-            self.hooks.append(forge.install(p, self.plan, x if has_original else None, **callbacks))
+            original = x if has_original else None
+            self.hooks.append(forge.install(p, self.plan, original, window_conds=window_conds, **callbacks))
         else:
             units = functools.partial(controlnet.a1111_units, p, latent_size)
             self.hooks.append(
-                a1111.SamplerHook(p.sampler, self.plan, controlnet=units, **callbacks).install()
+                a1111.SamplerHook(
+                    p.sampler, self.plan, controlnet=units, window_conds=window_conds, **callbacks
+                ).install()
             )
+
+    def _place_words(self, p: Any, x: torch.Tensor, hires: bool) -> None:
+        """'Words where they are': place the phrases once per pass and re-plan with them."""
+        key = (hires, tuple(x.shape))
+        if self.placed_for == key:
+            return
+        self.placed_for = key
+        try:
+            placed, lines = words.place(p, x, self.family.name, hires)
+        except Exception as error:  # noqa: BLE001 - the job goes on tiled, with the whole prompt
+            _note(
+                p,
+                f"{TITLE}: could not place the prompt's words ({error}); every window gets the whole prompt",
+            )
+            return
+        for line in lines:
+            _log(f"Words where they are: {line}")
+        if placed:
+            picture, settings = self.planned
+            self._build(picture, settings, tuple(x.shape[-2:]), placed)
 
     def postprocess_image(self, p: Any, pp: Any) -> None:
         """Keep pixels: paste the init image back into skipped tiles, faded across the overlap."""
@@ -139,11 +179,18 @@ def start(p: Any, args: tuple, preparation: Preparation | None = None) -> Job | 
     family = families.of_job(p)
     if family.refused:  # a model the windows cannot be placed for
         return RejectedJob(SettingsError(family.refused))
+    if settings.window_prompts == WORDS and not family.cross_attention:
+        return RejectedJob(
+            SettingsError(
+                f"window_prompts: {WORDS!r} reads the model's cross-attention maps, and {family.name} "
+                "has none (its text and image attend jointly); use 'Whole prompt' or regions"
+            )
+        )
     if _is_forge(p) and preparation is not None:
         undo = forge_tiled_vae(p, settings)
         if undo:
             preparation.undos.append(undo)
-    return Job(settings, p, family.align)
+    return Job(settings, p, family)
 
 
 def _settings(args: tuple) -> Settings:
