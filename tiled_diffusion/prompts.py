@@ -21,7 +21,8 @@ AND = re.compile(r"\bAND\b")  # the WebUI's separator of composable sub-prompts
 BREAK = re.compile(r"\s*\bBREAK\b\s*")
 # A sub-prompt's trailing weight, "a cat :1.5", as the WebUI reads it (prompt_parser.re_weight).
 WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
-REGION_LINE = re.compile(r"^\s*(\S+)[\s,]+(\S+)[\s,]+(\S+)[\s,]+(\S+)\s*:(.*)$")
+NUMBER = r"([^\s,:]+)"
+REGION_LINE = re.compile(rf"^\s*{NUMBER}[\s,]+{NUMBER}[\s,]+{NUMBER}[\s,]+{NUMBER}\s*:(.*)$")
 EXPECTED_REGION = "'x0 y0 x1 y1: prompt' with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1"
 
 
@@ -102,7 +103,7 @@ class WindowPrompt:
 
     def describe(self) -> str:
         """For the console and the preview: what this window gets beyond or short of the job's prompt."""
-        words = [f"+{a!r}" for a in self.added] + [f"-{p!r}" for p in self.left_out]
+        words = [f"+{brief_repr(a)}" for a in self.added] + [f"-{brief_repr(p)}" for p in self.left_out]
         return " ".join(words) if words else "the whole prompt"
 
 
