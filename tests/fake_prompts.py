@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import torch
 
 WIDTH = 16  # channels of a token's vector
+MARK = 5.0  # channel 0 of a marked word's vectors (a stand-in UNet attends to them in one place)
 BOS, EOS = 49406, 49407
 CHUNK = 75
 SCHEDULED = re.compile(r"\[([^\[\]:]*):([^\[\]:]*):\s*([\d.]+)\s*\]")
@@ -137,8 +138,9 @@ def reconstruct_multicond_batch(c, step):
 class TextModel:
     """The model's text side: get_learned_conditioning, and a CLIP engine's tokenize / tokenize_line."""
 
-    def __init__(self, sdxl=False):
+    def __init__(self, sdxl=False, marked=()):
         self.sdxl, self.encoded = sdxl, []
+        self.marked = {zlib.crc32(word.encode()) % 40000 + 1 for word in marked}  # channel 0 = MARK
         self.cond_stage_model = self  # where the WebUI keeps its CLIP engine (SD 1.x)
 
     def tokenize(self, texts):
@@ -161,13 +163,19 @@ class TextModel:
         for chunks in lines:
             tokens = [t for chunk in chunks for t in chunk.tokens]
             tokens += ([BOS] + [EOS] * (CHUNK + 1)) * (count - len(chunks))
-            rows.append(torch.stack([_vector(t, i % (CHUNK + 2)) for i, t in enumerate(tokens)]))
+            rows.append(torch.stack([self._vector(t, i % (CHUNK + 2)) for i, t in enumerate(tokens)]))
         crossattn = torch.stack(rows)
         if not self.sdxl:
             return crossattn
         size = torch.tensor([texts.width or 0, texts.height or 0], dtype=torch.float32) / 1000
         vector = torch.cat([crossattn[:, -1, :6], size.expand(len(texts), 2)], dim=1)
         return {"crossattn": crossattn, "vector": vector}
+
+    def _vector(self, token, position):
+        vector = _vector(token, position) * 0.1
+        if token in self.marked:
+            vector[0] = MARK
+        return vector
 
 
 def _words(text):
@@ -180,7 +188,7 @@ def _vector(token, position):
     return torch.randn(WIDTH, generator=g)
 
 
-def install(monkeypatch, sdxl=False) -> TextModel:
+def install(monkeypatch, sdxl=False, marked=()) -> TextModel:
     """modules.prompt_parser, .devices and shared.sd_model / shared.opts as the hosts use them
     (needs the `state` fixture's modules)."""
     import sys
@@ -197,7 +205,7 @@ def install(monkeypatch, sdxl=False) -> TextModel:
         setattr(parser, name, globals()[name])
     devices = types.ModuleType("modules.devices")
     devices.autocast = nullcontext
-    model = TextModel(sdxl)
+    model = TextModel(sdxl, marked)
     modules = sys.modules["modules"]
     modules.prompt_parser, modules.devices = parser, devices
     monkeypatch.setitem(sys.modules, "modules.prompt_parser", parser)

@@ -147,7 +147,7 @@ def test_windows_with_the_jobs_prompt_never_ask_the_host():
 
 # Placement by cross-attention: a stand-in UNet whose attention is known.
 
-MARK = 5.0  # channel 0 of the tokens of the placed phrase
+from .fake_prompts import MARK  # channel 0 of the tokens of the placed phrase  # noqa: E402
 
 
 class Keys(torch.nn.Module):

@@ -20,6 +20,7 @@ from . import fake_a1111 as fake
 from . import fake_prompts as prompts
 from .test_hosts_a1111 import H, W, latents
 from .test_hosts_forge import KModel, UnetPatcher
+from .test_window_prompts import CornerUNet
 
 STEPS = 12
 LEFT, RIGHT = "a red barn", "a wheat field"
@@ -110,14 +111,18 @@ def windows_of(plan, records, x_call, cut):
     return found
 
 
-def run_a1111(k_diffusion, state, monkeypatch, init_image, prompt_list, negatives, sdxl=False, **values):
-    text_model = prompts.install(monkeypatch, sdxl)
+def run_a1111(
+    k_diffusion, state, monkeypatch, init_image, prompt_list, negatives, sdxl=False, sd_model=None, **values
+):
+    text_model = prompts.install(monkeypatch, sdxl, marked=("barn",))
     batch = len(prompt_list)
     p = fake.processing(
         [init_image] * batch, W, H, batch, prompts=prompt_list, negative_prompts=negatives, steps=STEPS
     )
     p.firstpass_steps = STEPS
     p.denoising_strength = 0.5
+    if sd_model is not None:
+        p.sd_model = sd_model
     sd = RecordingSD(sdxl=sdxl)
     p.sampler = fake.KDiffusionSampler(k_diffusion, sd, state)
     p.sampler.model_wrap_cfg = RecordingCFG(p.sampler.model_wrap_cfg.inner_model, state, sdxl)
@@ -258,13 +263,13 @@ class RecordingKModel(KModel):
 def run_forge(
     k_diffusion, state, monkeypatch, init_image, prompt_list, negatives, sdxl=False, separate=False, **values
 ):
-    text_model = prompts.install(monkeypatch, sdxl)
+    text_model = prompts.install(monkeypatch, sdxl, marked=("barn",))
     batch = len(prompt_list)
     p = fake.processing(
         [init_image] * batch, W, H, batch, prompts=prompt_list, negative_prompts=negatives, steps=STEPS
     )
     p.firstpass_steps, p.denoising_strength = STEPS, 0.5
-    kmodel = RecordingKModel()
+    kmodel = WordsKModel()
     unet = UnetPatcher(kmodel)
     p.sd_model = SimpleNamespace(forge_objects=SimpleNamespace(unet=unet))
     original, noise = latents(batch, 5)
@@ -345,3 +350,108 @@ def test_forge_and_parts_long_prompts_and_sdxl(k_diffusion, state, monkeypatch, 
     check_forge(
         run, lambda w: [f"{p}, {region_of(run.job.plan, w)}" for p in ("a farm", "a barn")], sdxl=True
     )
+
+
+# "Words where they are": the phrases placed by the model's own cross-attention
+
+WORDS = {"window_prompts": "Words where they are", "regions": ""}
+BARN_PROMPT = "a farm, a red barn, highly detailed"
+
+
+def over_corner(plan, window) -> bool:
+    """Whether the window's tiles lie over the top-left quarter, where the stand-in UNet's
+    attention puts "a red barn" (checked here from the geometry)."""
+    H8, W8 = plan.latent_size
+    shares = []
+    for i in window.leaves:
+        leaf = plan.leaves[i]
+        x0, x1 = max(leaf.x, 0), min(leaf.x + leaf.w, W8 // 2)
+        y0, y1 = max(leaf.y, 0), min(leaf.y + leaf.h, H8 // 2)
+        shares.append(max(x1 - x0, 0) * max(y1 - y0, 0) / (leaf.w * leaf.h))
+    return max(shares) > 0.1
+
+
+def words_texts(plan):
+    return lambda w: [BARN_PROMPT if over_corner(plan, w) else "a farm, highly detailed"]
+
+
+class StandInLDM:
+    """A1111's sd_model for the words pass: apply_model(x_t, t, cond) into a UNet with
+    cross-attention, and the training schedule."""
+
+    def __init__(self):
+        self.model = SimpleNamespace(diffusion_model=CornerUNet())
+        self.alphas_cumprod = fake.sd15_alphas_cumprod()
+        self.calls = []
+
+    def apply_model(self, x, t, cond):
+        self.calls.append((tuple(x.shape), t.tolist()))
+        return self.model.diffusion_model(x, cond["c_crossattn"][0])
+
+
+def test_a1111_words_where_they_are_places_a_phrase_by_its_attention(
+    k_diffusion, state, monkeypatch, init_image
+):
+    sd_model = StandInLDM()
+    run = run_a1111(
+        k_diffusion, state, monkeypatch, init_image, [BARN_PROMPT], ["blurry"], sd_model=sd_model, **WORDS
+    )
+    assert len(sd_model.calls) == 1  # one model call before sampling, at the middle timestep
+    ((shape, timesteps),) = sd_model.calls
+    assert shape[-2:] == (56, 72) and set(timesteps) == {500}  # about 512 px, the job's aspect ratio
+    plan = run.job.plan
+    told = {over_corner(plan, w): plan.leaves[w.leaves[0]].prompt for w in plan.windows}
+    assert told == {True: td.prompts.WindowPrompt(), False: td.prompts.WindowPrompt(left_out=("a red barn",))}
+    check_a1111(run, words_texts(plan))
+
+
+class WordsKModel(RecordingKModel):
+    """Forge's KModel with a diffusion model to read: the words pass calls it directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.diffusion_model = CornerUNet()
+        sigmas = ((1 - fake.sd15_alphas_cumprod()) / fake.sd15_alphas_cumprod()).sqrt()
+        self.predictor = SimpleNamespace(sigma=lambda t: sigmas[t.long()])
+        self.words_calls = []
+
+    def apply_model(self, x, t, c_crossattn, transformer_options, **kwargs):
+        if "cond_mark" not in transformer_options:  # not a sampling call
+            self.words_calls.append((tuple(x.shape), t.tolist()))
+            return self.diffusion_model(x, c_crossattn)
+        return super().apply_model(x, t, c_crossattn, transformer_options, **kwargs)
+
+
+@pytest.fixture
+def forge_backend(monkeypatch):
+    import sys
+    import types
+
+    backend = types.ModuleType("backend")
+    backend.memory_management = types.ModuleType("backend.memory_management")
+    backend.memory_management.load_model_gpu = lambda patcher: None
+    backend.memory_management.get_torch_device = lambda: torch.device("cpu")
+    monkeypatch.setitem(sys.modules, "backend", backend)
+    monkeypatch.setitem(sys.modules, "backend.memory_management", backend.memory_management)
+
+
+def test_forge_words_where_they_are_places_a_phrase_by_its_attention(
+    k_diffusion, state, monkeypatch, init_image, forge_backend
+):
+    run = run_forge(k_diffusion, state, monkeypatch, init_image, [BARN_PROMPT], ["blurry"], **WORDS)
+    ((shape, sigmas),) = run.kmodel.words_calls
+    assert shape[-2:] == (56, 72) and len(set(sigmas)) == 1
+    plan = run.job.plan
+    assert {plan.leaves[w.leaves[0]].prompt.left_out for w in plan.windows} == {(), ("a red barn",)}
+    check_forge(run, words_texts(plan))
+
+
+def test_words_where_they_are_is_refused_for_joint_attention_models(state, init_image):
+    p = fake.processing([init_image], W, H)
+    flux = SimpleNamespace(forge_objects=SimpleNamespace(unet=SimpleNamespace(model=SimpleNamespace(
+        diffusion_model=type("IntegratedFluxTransformer2DModel", (), {})(), predictor=None
+    ))))  # fmt: skip
+    p.sd_model = type("Flux", (), {"forge_objects": flux.forge_objects})()
+    job = webui.start(p, settings(**WORDS))
+    assert isinstance(job, webui.RejectedJob)
+    assert "'Words where they are'" in str(job.error) and "Flux" in str(job.error)

@@ -99,9 +99,9 @@ def _run_a1111(model: Any, x0: torch.Tensor, noise: torch.Tensor, parts: dict) -
     from modules import devices
 
     unet = model.model.diffusion_model
-    device = next(unet.parameters()).device
+    device = x0.device  # the job's latent lives where the model runs
     alpha = model.alphas_cumprod[MIDDLE_TIMESTEP].float().to(device)
-    x_t = alpha.sqrt() * x0.to(device) + (1 - alpha).sqrt() * noise.to(device)
+    x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise.to(device)
     t = torch.full((x_t.shape[0],), MIDDLE_TIMESTEP, device=device, dtype=torch.long)
     if set(parts) == {"crossattn"}:
         cond = {"c_crossattn": [parts["crossattn"]]}
