@@ -12,15 +12,17 @@
         "tile_batch": "Windows of equal size evaluated in one model call (more is faster, needs more VRAM).",
         "skip_below": "Tiles whose shorter side is below this many pixels keep the original and cost no model call. 0 = never skip.",
         "skip_mode": "What skipped tiles show: 'Keep pixels' pastes the init image's pixels back after decoding (exact, blended across the overlap); 'Keep latent' keeps the original latent and lets the VAE decode it like the rest.",
-        "variable_denoise": "Give each tile its own denoising strength, from 'Denoise at largest tiles' to 'Denoise at smallest tiles' by tile size. Replaces the img2img denoising strength: the job runs at the largest strength of any tile not skipped, that is the larger of the two Denoise values, or 'Denoise at largest tiles' when the tiles not skipped are all one size.",
-        "denoise_largest": "Denoising strength of the largest tiles (flat regions).",
-        "denoise_smallest": "Denoising strength of the smallest tiles (detailed regions).",
+        "variable_denoise": "Give each tile its own denoising strength, from 'Denoise at largest tiles' to 'Denoise at smallest tiles' by tile size: by default the large flat tiles are refined and the small detailed ones kept. Replaces the img2img denoising strength: the job runs at the largest strength of any tile not skipped, that is the larger of the two Denoise values, or 'Denoise at largest tiles' when the tiles not skipped are all one size.",
+        "denoise_largest": "Denoising strength of the largest tiles (flat regions: sky, walls, skin), where a stronger refine adds texture without inventing anything.",
+        "denoise_smallest": "Denoising strength of the smallest tiles (detailed regions: faces, text, hair). Below 'Denoise at largest tiles' (the default) keeps their detail; above it adds detail where there is detail.",
         "min_window": "Smallest side of the model's view, in pixels: a smaller tile is denoised inside a window this large so the model sees the picture around it (only the tile and its overlap take the result). Neighbouring tiles of one strength share a window.",
         "upscaler": "img2img: upscale every init image by 'Scale factor' with this WebUI upscaler before the job, which then runs at the upscaled size. 'None' = no upscale step (the job keeps its width and height).",
         "scale_factor": "How much the upscaler enlarges the init image: the job's size is the image's size times this, rounded down to a multiple of 8 px. Used only with an Upscaler.",
         "tiled_vae": "Encode and decode images larger than 'VAE tiles above' tile by tile, so the VAE fits at 4K-8K. A1111: this extension's tiled VAE, exact but for the VAE's attention (its GroupNorms use the whole image's statistics); Forge: Forge's own tiled VAE.",
         "vae_tile_above": "Tile the VAE when width x height is above this size squared, in pixels (1536: an SD VAE decode above 1536x1536 needs more than about 4.5 GB in half precision).",
-        "vae_tile": "Side of a tile of the tiled VAE in pixels (A1111): smaller uses less VRAM, larger gives the VAE's attention more of the picture."
+        "vae_tile": "Side of a tile of the tiled VAE in pixels (A1111): smaller uses less VRAM, larger gives the VAE's attention more of the picture.",
+        "window_prompts": "What each window is told. 'Whole prompt': every window gets the job's prompt. 'Words where they are': the prompt's comma-separated phrases are placed by the model's own cross-attention over the init image (one model call at the model's size before sampling); a window gets the phrases whose attention lies over it, and phrases that attend to the whole picture (style words) stay in every window, so tiles do not invent the prompt's objects where they are not.",
+        "regions": "One region per line, 'x0 y0 x1 y1: prompt', in fractions of the image ('0 0 0.5 1: a red barn' is the left half). A tile gets the job's prompt plus the prompt of each region that covers the tile's centre (added to every AND part); tiles with different prompts never share a window. Empty: no regions."
     };
 
     function addTooltips() {

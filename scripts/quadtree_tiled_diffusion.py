@@ -12,7 +12,7 @@ from modules import script_callbacks, scripts
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 try:  # a broken install must never stop the WebUI from starting
-    from tiled_diffusion.hosts import api, webui
+    from tiled_diffusion.hosts import api, webui, words
     from tiled_diffusion.settings import PARAMETERS
     from tiled_diffusion.ui import build_ui
 
@@ -39,8 +39,10 @@ class Script(scripts.Script):
             "img2img_image",
             "img2img_width",
             "img2img_height",
+            "img2img_prompt",
             "txt2img_width",
             "txt2img_height",
+            "txt2img_prompt",
         ):
             self.on_after_component(
                 lambda on, elem_id=elem_id: self.sources.update({elem_id: on.component}), elem_id=elem_id
@@ -75,6 +77,8 @@ class Script(scripts.Script):
                 width=self.sources.get(f"{tab}_width"),
                 height=self.sources.get(f"{tab}_height"),
                 upscalers=webui.upscaler_names(),
+                prompt=self.sources.get(f"{tab}_prompt"),
+                place_words=words.preview,
             )
         except Exception:  # noqa: BLE001 - with --api, a script's ui() that raises stops the WebUI
             error = traceback.format_exc()

@@ -22,6 +22,8 @@ from tiled_diffusion.preview import DEFAULT_IMAGE, load_image
 from tiled_diffusion.settings import PARAMETERS, PARAMETERS_BY_NAME
 from tiled_diffusion.ui import ROWS, preview_tiles, tooltips_js
 
+from .stand_in_words import corner_words
+
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -108,6 +110,29 @@ def test_preview_variable_denoise_gets_start_sigmas_from_a_schedule():
     picture, summary = preview_tiles(load_image(), 512, 512, *values)
     assert picture is not None and "tiles" in summary
     assert "no sampler schedule" not in summary
+
+
+def test_preview_draws_the_regions_and_the_phrases_each_tile_is_told():
+    regions = "0 0 0.5 1: a red barn\n0.5 0 1 1: a wheat field"
+    plain, _ = preview_tiles(load_image(), 512, 512, *with_values(min_tile=64))
+    drawn, summary = preview_tiles(load_image(), 512, 512, *with_values(min_tile=64, regions=regions))
+    pixels = np.asarray(drawn)[:512].reshape(-1, 3)
+    assert ((pixels == (255, 60, 220)).all(1)).sum() > 2 * 512 * 3  # the two regions' outlines
+    assert "tiles" in summary
+    words = with_values(min_tile=64, window_prompts="Words where they are")
+    told, summary = preview_tiles(
+        load_image(), 512, 512, *words, prompt="a barn, sunny", place_words=corner_words
+    )
+    assert "placed 'a barn' (stand-in)" in summary
+    assert not np.array_equal(np.asarray(told)[:512], np.asarray(plain)[:512])  # +'a barn' labels
+    _, summary = preview_tiles(load_image(), 512, 512, *words, prompt="a barn", place_words=None)
+    assert "placed by the model when the job runs" in summary
+
+    def broken(*args):
+        raise RuntimeError("no model loaded")
+
+    _, summary = preview_tiles(load_image(), 512, 512, *words, prompt="a barn", place_words=broken)
+    assert "could not place the phrases (RuntimeError: no model loaded)" in summary
 
 
 # --- in a real browser -----------------------------------------------------------------------
@@ -279,7 +304,7 @@ def test_accordion_opens_and_closes_and_enabled_toggles(page):
 def test_sliders_carry_the_range_step_and_default_of_their_parameter(page):
     open_accordion(page)
     for p in PARAMETERS:
-        if p.choices or p.names or p.kind is bool:
+        if p.choices or p.names or p.text or p.kind is bool:
             continue
         for kind in ("number", "range"):
             field = page.locator(f"#quadtree-td-img2img-{p.name} input[type={kind}]")
@@ -332,6 +357,25 @@ def test_preview_shows_the_tiles_of_the_init_image(page):
     set_number(page, "min_tile", 128)
     text = click_preview(page)
     assert "tiles" in text and "64x64" not in text, text
+
+
+def test_regions_and_words_reach_the_preview(page):
+    upload_init_image(page)
+    open_accordion(page)
+    box = page.locator("#quadtree-td-img2img-regions textarea")
+    box.fill("0 0 0.5 1: a red barn\n0.5 0 1 1: a wheat field")
+    assert box.input_value().count("\n") == 1  # several lines
+    assert "tiles" in click_preview(page)
+    box.fill("0 0 0.5 1: a red barn\n0 0 1: oops")
+    text = click_preview(page)
+    assert "Settings error" in text and "regions: line 2" in text, text
+    box.fill("")
+    page.locator("#img2img_prompt textarea").fill("a red barn, sunny")
+    page.locator("#quadtree-td-img2img-window_prompts").get_by_label(
+        "Words where they are", exact=True
+    ).check()
+    text = click_preview(page)
+    assert "placed 'a red barn' (stand-in)" in text, text
 
 
 def test_bad_tile_sizes_show_the_settings_error(page):

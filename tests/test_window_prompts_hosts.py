@@ -455,3 +455,36 @@ def test_words_where_they_are_is_refused_for_joint_attention_models(state, init_
     job = webui.start(p, settings(**WORDS))
     assert isinstance(job, webui.RejectedJob)
     assert "'Words where they are'" in str(job.error) and "Flux" in str(job.error)
+
+
+def test_preview_places_the_phrases_with_the_loaded_model(state, monkeypatch, init_image):
+    import sys
+    import threading
+    import types
+
+    from tiled_diffusion.hosts import words
+
+    prompts.install(monkeypatch, marked=("barn",))
+    model = StandInLDM()
+    model.encoded = []
+
+    def encode(pixels):  # a VAE: 8 px per latent pixel, 4 channels
+        model.encoded.append(tuple(pixels.shape))
+        return torch.nn.functional.avg_pool2d(pixels, 8).repeat(1, 2, 1, 1)[:, :4]
+
+    model.encode_first_stage = encode
+    model.get_first_stage_encoding = lambda posterior: posterior
+    model.cond_stage_model = sys.modules["modules"].shared.sd_model  # the text engine
+    monkeypatch.setattr(sys.modules["modules"].shared, "sd_model", model)
+    monkeypatch.setattr(
+        model, "get_learned_conditioning", model.cond_stage_model.get_learned_conditioning, raising=False
+    )
+    call_queue = types.ModuleType("modules.call_queue")
+    call_queue.queue_lock = threading.Lock()
+    monkeypatch.setitem(sys.modules, "modules.call_queue", call_queue)
+    sys.modules["modules"].devices.device, sys.modules["modules"].devices.dtype_vae = "cpu", torch.float32
+    placed, lines = words.preview(init_image, (48, 64), BARN_PROMPT)
+    assert model.encoded == [(1, 3, 448, 576)]  # the image at the model's size, not the job's
+    assert set(placed) == {"a red barn"} and placed["a red barn"].shape == (48, 64)
+    assert placed["a red barn"][:24, :32].float().mean() > 0.9 and not placed["a red barn"][24:, 32:].any()
+    assert "placed 1 of 3 phrases" in lines[0]

@@ -19,6 +19,7 @@ sys.path.insert(0, str(REPO))
 
 import gradio as gr  # noqa: E402
 
+from tests.stand_in_words import corner_words  # noqa: E402
 from tiled_diffusion.ui import build_ui  # noqa: E402
 
 
@@ -56,12 +57,20 @@ def main(port: int, input_accordion: bool) -> None:
     with gr.Blocks(title="Quadtree Tiled Diffusion test page") as demo:
         # Like the WebUI, the page holds the script twice: once per tab.
         with gr.Tab("img2img"):
+            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="img2img_prompt")
             image = gr.Image(type="pil", label="Init image", elem_id="img2img_image")
             with gr.Row():
                 width = gr.Slider(64, 2048, step=8, value=512, label="Width", elem_id="img2img_width")
                 height = gr.Slider(64, 2048, step=8, value=512, label="Height", elem_id="img2img_height")
             components = build_ui(
-                gr, tab="img2img", accordion=accordion, init_image=image, width=width, height=height
+                gr,
+                tab="img2img",
+                accordion=accordion,
+                init_image=image,
+                width=width,
+                height=height,
+                prompt=prompt,
+                place_words=corner_words,
             )
         with gr.Tab("txt2img"):
             build_ui(gr, tab="txt2img", accordion=accordion)

@@ -9,7 +9,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .plan import Plan
+from .prompts import parse_regions
 from .quadtree import LATENT_SCALE, detail_density, to_rgb_array
+from .settings import brief_repr
 
 DEFAULT_IMAGE = Path(__file__).parent / "data" / "astronaut.jpg"
 
@@ -17,6 +19,7 @@ DEFAULT_IMAGE = Path(__file__).parent / "data" / "astronaut.jpg"
 # them mixes to grey and the common 0.3..0.7 range spans three distinct hues.
 RAMP = ((40, 80, 255), (0, 190, 170), (250, 190, 0), (240, 40, 30))
 NEUTRAL = (255, 255, 255, 40)  # veil over active tiles when variable denoise is off
+REGION_COLOUR = (255, 60, 220)  # outline and label of a prompt region
 
 
 def karras_sigmas(steps: int, sigma_min: float = 0.0292, sigma_max: float = 14.6146, rho: float = 7.0):
@@ -65,6 +68,7 @@ def draw_plan(image, plan: Plan, show_detail: bool = False) -> Image.Image:
     draw = ImageDraw.Draw(overlay)
     font = _font(max(12, min(width, height) // 64))
     variable = plan.settings.variable_denoise
+    placed = sorted({phrase for leaf in plan.leaves for phrase in leaf.prompt.left_out})
     for leaf in plan.leaves:
         box = tuple(v * LATENT_SCALE for v in (leaf.x, leaf.y, leaf.x + leaf.w, leaf.y + leaf.h))
         if leaf.skipped:
@@ -82,10 +86,26 @@ def draw_plan(image, plan: Plan, show_detail: bool = False) -> Image.Image:
         if label:
             corner = (box[0] + 6, box[1] + 5)
             draw.text(corner, label, font=font, fill="white", stroke_width=2, stroke_fill="black")
+        told = [brief_repr(p) for p in placed if p not in leaf.prompt.left_out]
+        if told and not leaf.skipped:  # the placed phrases this tile is told
+            draw.text((box[0] + 6, box[3] - font.size - 8), "+" + ", +".join(told), font=font, fill="white",
+                      stroke_width=2, stroke_fill="black")  # fmt: skip
+    regions = parse_regions(plan.settings.regions)
+    for region in regions:
+        box = (region.x0 * width, region.y0 * height, region.x1 * width - 1, region.y1 * height - 1)
+        draw.rectangle(box, outline=REGION_COLOUR + (255,), width=3)
+        draw.text((box[0] + 8, box[1] + font.size + 12), brief_repr(region.prompt), font=font,
+                  fill=REGION_COLOUR, stroke_width=2, stroke_fill="black")  # fmt: skip
     picture = Image.alpha_composite(picture.convert("RGBA"), overlay).convert("RGB")
     key = "Yellow: fine detail, which decides where tiles split. " if show_detail else ""
     key += "Tile colour and number: denoise strength (blue 0, teal, gold, red 1). " if variable else ""
-    key += "Hatched: skipped, the original is kept." if any(leaf.skipped for leaf in plan.leaves) else ""
+    key += "Hatched: skipped, the original is kept. " if any(leaf.skipped for leaf in plan.leaves) else ""
+    key += "Magenta: regions; a tile gets the prompt of each region holding its centre. " if regions else ""
+    if placed:
+        key += (
+            "Words where they are: +phrase marks the tiles told a phrase the model places in one part "
+            "of the picture; the other phrases go to every tile."
+        )
     return _with_legend(picture, [plan.summary(), key, *plan.notes], font)
 
 

@@ -14,7 +14,15 @@ from PIL import Image
 from .plan import build_plan
 from .preview import draw_plan, karras_sigmas
 from .quadtree import LATENT_SCALE, to_rgb_array
-from .settings import JOB_STRENGTH, PARAMETERS, PARAMETERS_BY_NAME, TITLE, Settings, SettingsError
+from .settings import (
+    JOB_STRENGTH,
+    PARAMETERS,
+    PARAMETERS_BY_NAME,
+    TITLE,
+    WINDOW_PROMPTS,
+    Settings,
+    SettingsError,
+)
 
 ELEM_ID = "quadtree-td"  # + the tab: the WebUI builds the script once per tab on one page
 TABS = ("txt2img", "img2img")
@@ -39,7 +47,16 @@ NOTES = {"variable denoise": JOB_STRENGTH}
 
 
 def build_ui(
-    gr, *, tab: str = "img2img", accordion=None, init_image=None, width=None, height=None, upscalers=None
+    gr,
+    *,
+    tab: str = "img2img",
+    accordion=None,
+    init_image=None,
+    width=None,
+    height=None,
+    upscalers=None,
+    prompt=None,
+    place_words=None,
 ) -> list:
     """Build the controls inside the current gradio Blocks; return them in PARAMETERS order.
 
@@ -51,6 +68,8 @@ def build_ui(
     init_image, width, height: the host's components the preview reads, where they exist.
     upscalers: the names of the host's upscalers (the Upscaler choices); the upscale step is
         img2img's, so its controls are hidden in txt2img (they stay in the args list).
+    prompt, place_words: the tab's prompt box and the host's phrase placement (hosts/words.py
+        `preview`), so that Preview tiles shows where "Words where they are" puts each phrase.
     """
     controls = {}
     prefix = f"{ELEM_ID}-{tab}"
@@ -80,13 +99,21 @@ def build_ui(
         summary = gr.Markdown("", elem_id=elem_id("summary"))
         picture = gr.Image(type="pil", interactive=False, show_label=False, elem_id=elem_id("preview-image"))
     components = [controls[p.name] for p in PARAMETERS]
-    extras = {"image": init_image, "width": width, "height": height}
+    extras = {"image": init_image, "width": width, "height": height, "prompt": prompt}
     given = [key for key, component in extras.items() if component is not None]
 
     def on_preview(detail, *args):
         known = dict(zip(given, args))
-        image, width, height = (known.get(key) for key in extras)
-        return preview_tiles(image, width, height, *args[len(given) :], show_detail=detail)
+        image, width, height, text = (known.get(key) for key in extras)
+        return preview_tiles(
+            image,
+            width,
+            height,
+            *args[len(given) :],
+            show_detail=detail,
+            prompt=text,
+            place_words=place_words,
+        )
 
     inputs = [show_detail] + [extras[key] for key in given] + components
     button.click(on_preview, inputs=inputs, outputs=[picture, summary])
@@ -116,11 +143,15 @@ def _control(gr, p, elem_id: str, upscalers=None):
     )
 
 
-def preview_tiles(image, width, height, *values, show_detail=False) -> tuple[Image.Image | None, str]:
+def preview_tiles(
+    image, width, height, *values, show_detail=False, prompt=None, place_words=None
+) -> tuple[Image.Image | None, str]:
     """The plan drawn over the image (or its detail map) at the job's size, and its summary.
 
     values: the controls' values in PARAMETERS order. A missing or unreadable image and a
-    settings error come back as a message, never as an exception.
+    settings error come back as a message, never as an exception. With "Words where they
+    are", place_words(image, latent_size, prompt) -> (placed, lines) places the prompt's
+    phrases with the host's model (None outside a WebUI: the plan is shown without them).
     """
     if not isinstance(image, (Image.Image, np.ndarray)):  # None, or a host component that is no image
         return None, "Load an init image first."
@@ -136,8 +167,22 @@ def preview_tiles(image, width, height, *values, show_detail=False) -> tuple[Ima
     width, height = (_job_side(side or own) for side, own in ((width, image.width), (height, image.height)))
     image = image.resize((width, height), Image.Resampling.LANCZOS)  # "Just resize", as the job does
     sigmas = karras_sigmas(PREVIEW_STEPS) if settings.variable_denoise else None
-    plan = build_plan(image, settings, (height // LATENT_SCALE, width // LATENT_SCALE), sigmas)
-    return draw_plan(image, plan, show_detail), _escape(plan.summary())
+    latent_size = (height // LATENT_SCALE, width // LATENT_SCALE)
+    placed, lines = None, []
+    if settings.window_prompts == WINDOW_PROMPTS[1]:
+        if place_words is None or not (prompt or "").strip():
+            lines = ["Words where they are: the phrases are placed by the model when the job runs."]
+        else:
+            try:
+                placed, lines = place_words(image, latent_size, prompt)
+            except Exception as error:  # noqa: BLE001 - a preview shows the error, never raises
+                lines = [
+                    f"Words where they are: could not place the phrases ({type(error).__name__}: {error})"
+                ]
+            lines = [f"Words where they are: {line}" for line in lines]
+    plan = build_plan(image, settings, latent_size, sigmas, placed=placed)
+    plan.notes.extend(lines)
+    return draw_plan(image, plan, show_detail), _escape(" ".join([plan.summary(), *lines]))
 
 
 def _job_side(px) -> int:

@@ -11,6 +11,7 @@ the noise comes from a generator of its own, so the job's seeds mean what they m
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -25,11 +26,12 @@ NOISE_SEED = 0
 
 
 def place(
-    p: Any, latent: torch.Tensor, family: str, hires: bool
+    p: Any, latent: torch.Tensor, family: str, hires: bool, size: tuple[int, int] | None = None
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """(phrase -> where it lies on the latent grid, [H, W] bool; lines for the console).
 
     latent: the clean original of the pass, [B, C, H, W] (its first image is used).
+    size: the latent grid of the masks (default: the latent's own).
     """
     conds = WindowConds(p, hires)
     prompt = conds.prompts[0]
@@ -40,14 +42,15 @@ def place(
     positions = _phrase_positions(p, prompt, conds, step)
     if not positions:
         return {}, [f"no phrase of the prompt was found in its tokens ({prompt[:60]!r})"]
-    size = native_size(tuple(latent.shape[-2:]), NATIVE_SIDE.get(family, 512) // 8)
-    small = torch.nn.functional.interpolate(latent[:1].float(), size=size, mode="area")
+    native = native_size(tuple(latent.shape[-2:]), NATIVE_SIDE.get(family, 512) // 8)
+    small = torch.nn.functional.interpolate(latent[:1].float(), size=native, mode="area")
     recorder = _run_model(p, small, parts, len(own))
-    maps = torch.nn.functional.interpolate(recorder.maps, size=tuple(latent.shape[-2:]), mode="bilinear")
+    size = size or tuple(latent.shape[-2:])
+    maps = torch.nn.functional.interpolate(recorder.maps.cpu(), size=size, mode="bilinear")
     by_phrase = phrase_maps(maps, positions)
     placed = placed_masks(by_phrase)
     lines = [
-        f"read {recorder.calls} cross-attention layers at {size[1] * 8}x{size[0] * 8} px; "
+        f"read {recorder.calls} cross-attention layers at {native[1] * 8}x{native[0] * 8} px; "
         f"placed {len(placed)} of {len(by_phrase)} phrases: "
         + (", ".join(repr(phrase) for phrase in placed) or "none, every window gets the whole prompt")
     ]
@@ -147,3 +150,32 @@ def _repaint_all(unet: Any, x: torch.Tensor) -> torch.Tensor | None:
     concat = torch.zeros(x.shape[0], extra, *x.shape[2:], device=x.device, dtype=x.dtype)
     concat[:, 0] = 1
     return concat
+
+
+def preview(
+    image: Any, latent_size: tuple[int, int], prompt: str
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Preview tiles: place the prompt's phrases on this image with the loaded model, as a
+    job would (the image VAE-encoded at the model's size; 20 steps for scheduled words)."""
+    import numpy as np
+    from modules import call_queue, devices, shared
+
+    from .families import of_job
+
+    model = shared.sd_model
+    family = of_job(SimpleNamespace(sd_model=model))
+    if not family.cross_attention:
+        return {}, [f"{family.name} has no cross-attention maps: every window gets the whole prompt"]
+    native = native_size(latent_size, NATIVE_SIDE.get(family.name, 512) // 8)
+    small = image.convert("RGB").resize((native[1] * 8, native[0] * 8))
+    pixels = torch.from_numpy(np.asarray(small, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    height, width = (side * 8 for side in latent_size)
+    p = SimpleNamespace(
+        sd_model=model, prompts=[prompt], width=width, height=height, steps=20, firstpass_steps=20
+    )
+    with call_queue.queue_lock, torch.no_grad():  # not beside a running job
+        with devices.autocast():
+            latent = model.get_first_stage_encoding(
+                model.encode_first_stage(pixels.to(devices.device, devices.dtype_vae))
+            )
+        return place(p, latent.float(), family.name, False, latent_size)
