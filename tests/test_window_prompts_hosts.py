@@ -488,3 +488,37 @@ def test_preview_places_the_phrases_with_the_loaded_model(state, monkeypatch, in
     assert set(placed) == {"a red barn"} and placed["a red barn"].shape == (48, 64)
     assert placed["a red barn"][:24, :32].float().mean() > 0.9 and not placed["a red barn"][24:, 32:].any()
     assert "placed 1 of 3 phrases" in lines[0]
+
+
+def test_a1111_hires_pass_encodes_the_hires_prompts_over_the_hires_steps(
+    k_diffusion, state, monkeypatch, init_image
+):
+    import sys
+    import types
+
+    text_model = prompts.install(monkeypatch)
+    samplers = types.ModuleType("modules.sd_samplers")
+    samplers.find_sampler_config = lambda name: SimpleNamespace(total_steps=lambda steps: steps * 2)
+    monkeypatch.setitem(sys.modules, "modules.sd_samplers", samplers)
+    seen = []
+    parser_function = prompts.get_multicond_learned_conditioning
+
+    def recording(model, texts, steps, hires_steps=None, use_old_scheduling=False):
+        seen.append((list(texts), texts.width, texts.height, steps, hires_steps))
+        return parser_function(model, texts, steps, hires_steps, use_old_scheduling)
+
+    monkeypatch.setattr(sys.modules["modules"].prompt_parser, "get_multicond_learned_conditioning", recording)
+    p = fake.processing(None, W, H, 1, prompts=["a farm"], steps=STEPS, firstpass_steps=STEPS)
+    p.is_hr_pass, p.hr_prompts, p.hr_upscale_to_x, p.hr_upscale_to_y = True, ["a farm, sharp"], W, H
+    p.hr_second_pass_steps, p.hr_sampler_name, p.sampler_name = 5, "Euler", "Euler"
+    p.denoising_strength = 0.5
+    sd = RecordingSD()
+    p.sampler = fake.KDiffusionSampler(k_diffusion, sd, state)
+    p.sampler.model_wrap_cfg = RecordingCFG(p.sampler.model_wrap_cfg.inner_model, state)
+    original, noise = latents(1, 5)
+    job = webui.start(p, settings())
+    job.before_sampling(p, original)
+    cond, uncond = prompts.job_conds(text_model, ["a farm, sharp"], ["blurry"], STEPS, W, H)
+    p.sampler.sample_img2img(p, original, noise, cond, uncond, torch.zeros(1, 5, 1, 1))
+    job.finish()
+    assert sorted(seen) == [([f"a farm, sharp, {r}"], W, H, STEPS, 10) for r in (LEFT, RIGHT)]
