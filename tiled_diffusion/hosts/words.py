@@ -11,6 +11,7 @@ the noise comes from a generator of its own, so the job's seeds mean what they m
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -44,13 +45,16 @@ def place(
         return {}, [f"no phrase of the prompt was found in its tokens ({prompt[:60]!r})"]
     native = native_size(tuple(latent.shape[-2:]), NATIVE_SIDE.get(family, 512) // 8)
     small = torch.nn.functional.interpolate(latent[:1].float(), size=native, mode="area")
+    start = time.perf_counter()
     recorder = _run_model(p, small, parts, len(own))
+    seconds = time.perf_counter() - start
     size = size or tuple(latent.shape[-2:])
     maps = torch.nn.functional.interpolate(recorder.maps.cpu(), size=size, mode="bilinear")
     by_phrase = phrase_maps(maps, positions)
     placed = placed_masks(by_phrase)
     lines = [
-        f"read {recorder.calls} cross-attention layers at {native[1] * 8}x{native[0] * 8} px; "
+        f"read {recorder.calls} cross-attention layers at {native[1] * 8}x{native[0] * 8} px "
+        f"in {seconds:.2f} s; "
         f"placed {len(placed)} of {len(by_phrase)} phrases: "
         + (", ".join(repr(phrase) for phrase in placed) or "none, every window gets the whole prompt")
     ]
