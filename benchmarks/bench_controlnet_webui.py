@@ -15,16 +15,10 @@ Nothing is asserted; benchmarks/README.md says what the numbers mean.
 from __future__ import annotations
 
 import argparse
-import base64
-import io
-import json
 import time
-import urllib.request
 from pathlib import Path
 
-from PIL import Image
-
-PHOTO = Path(__file__).resolve().parent.parent / "tiled_diffusion" / "data" / "astronaut.jpg"
+from webui_client import photo_png, post
 
 
 def status_gib(pid: int, field: str) -> float:
@@ -32,17 +26,6 @@ def status_gib(pid: int, field: str) -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 2**20
     raise KeyError(field)
-
-
-def post(url: str, payload: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        url + "/sdapi/v1/img2img", json.dumps(payload).encode(), {"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=7200) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, {"error": error.read()[:300].decode(errors="replace")}
 
 
 def job(args: argparse.Namespace, image: str, tiled: bool, controlnet: bool) -> dict:
@@ -81,11 +64,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
-    buffer = io.BytesIO()
-    Image.open(PHOTO).convert("RGB").resize((args.size, args.size), Image.Resampling.LANCZOS).save(
-        buffer, "PNG"
-    )
-    image = base64.b64encode(buffer.getvalue()).decode()
+    image = photo_png(args.size)
     print(f"{args.size} px, {args.steps} steps at denoise 0.5; wall seconds, peak GiB above the idle server")
     for controlnet in (True, False):
         runs = {tiled: job(args, image, tiled, controlnet) for tiled in (True, False)}

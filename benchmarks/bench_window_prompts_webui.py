@@ -13,33 +13,16 @@ shows, for the words job, what the placement pass itself took ("Words where they
 from __future__ import annotations
 
 import argparse
-import base64
-import io
-import json
 import time
-import urllib.request
-from pathlib import Path
 
-from PIL import Image
+from webui_client import photo_png, post
 
-PHOTO = Path(__file__).resolve().parent.parent / "tiled_diffusion" / "data" / "astronaut.jpg"
 PROMPT = "a photo of an astronaut, a woman smiling, the american flag, a space shuttle, highly detailed"
 JOBS = {
     "Whole prompt": {},
     "Words where they are": {"window_prompts": "Words where they are"},
     "two regions": {"regions": "0 0 0.5 1: a woman smiling\n0.5 0 1 1: a space shuttle"},
 }
-
-
-def post(url: str, payload: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        url + "/sdapi/v1/img2img", json.dumps(payload).encode(), {"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=7200) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, {"error": error.read()[:300].decode(errors="replace")}
 
 
 def job(args: argparse.Namespace, image: str, extra: dict) -> tuple[int, float]:
@@ -68,11 +51,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
-    buffer = io.BytesIO()
-    Image.open(PHOTO).convert("RGB").resize((args.size, args.size), Image.Resampling.LANCZOS).save(
-        buffer, "PNG"
-    )
-    image = base64.b64encode(buffer.getvalue()).decode()
+    image = photo_png(args.size)
     job(args, image, {})  # primer: the first job after a model load is not like the rest
     print(f"{args.size} px, {args.steps} steps, variable denoise (job at 0.4); wall seconds")
     times = {}

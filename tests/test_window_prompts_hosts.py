@@ -111,16 +111,22 @@ def windows_of(plan, records, x_call, cut):
     return found
 
 
-def run_a1111(
-    k_diffusion, state, monkeypatch, init_image, prompt_list, negatives, sdxl=False, sd_model=None, **values
-):
+def processing(monkeypatch, init_image, prompt_list, negatives, sdxl):
+    """The stand-in prompt machinery ("barn" marked for the words tests) and an img2img p."""
     text_model = prompts.install(monkeypatch, sdxl, marked=("barn",))
     batch = len(prompt_list)
     p = fake.processing(
         [init_image] * batch, W, H, batch, prompts=prompt_list, negative_prompts=negatives, steps=STEPS
     )
-    p.firstpass_steps = STEPS
-    p.denoising_strength = 0.5
+    p.firstpass_steps, p.denoising_strength = STEPS, 0.5
+    return text_model, p
+
+
+def run_a1111(
+    k_diffusion, state, monkeypatch, init_image, prompt_list, negatives, sdxl=False, sd_model=None, **values
+):
+    text_model, p = processing(monkeypatch, init_image, prompt_list, negatives, sdxl)
+    batch = len(prompt_list)
     if sd_model is not None:
         p.sd_model = sd_model
     sd = RecordingSD(sdxl=sdxl)
@@ -263,12 +269,8 @@ class RecordingKModel(KModel):
 def run_forge(
     k_diffusion, state, monkeypatch, init_image, prompt_list, negatives, sdxl=False, separate=False, **values
 ):
-    text_model = prompts.install(monkeypatch, sdxl, marked=("barn",))
+    text_model, p = processing(monkeypatch, init_image, prompt_list, negatives, sdxl)
     batch = len(prompt_list)
-    p = fake.processing(
-        [init_image] * batch, W, H, batch, prompts=prompt_list, negative_prompts=negatives, steps=STEPS
-    )
-    p.firstpass_steps, p.denoising_strength = STEPS, 0.5
     kmodel = WordsKModel()
     unet = UnetPatcher(kmodel)
     p.sd_model = SimpleNamespace(forge_objects=SimpleNamespace(unet=unet))
