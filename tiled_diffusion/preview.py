@@ -69,6 +69,7 @@ def draw_plan(image, plan: Plan, show_detail: bool = False) -> Image.Image:
     font = _font(max(12, min(width, height) // 64))
     variable = plan.settings.variable_denoise
     placed = sorted({phrase for leaf in plan.leaves for phrase in leaf.prompt.left_out})
+    line = font.getbbox("Ag")[3] + 4  # the height of a label (Pillow 9.5's bitmap font has no size)
     for leaf in plan.leaves:
         box = tuple(v * LATENT_SCALE for v in (leaf.x, leaf.y, leaf.x + leaf.w, leaf.y + leaf.h))
         if leaf.skipped:
@@ -88,13 +89,13 @@ def draw_plan(image, plan: Plan, show_detail: bool = False) -> Image.Image:
             draw.text(corner, label, font=font, fill="white", stroke_width=2, stroke_fill="black")
         told = [brief_repr(p) for p in placed if p not in leaf.prompt.left_out]
         if told and not leaf.skipped:  # the placed phrases this tile is told
-            draw.text((box[0] + 6, box[3] - font.size - 8), "+" + ", +".join(told), font=font, fill="white",
+            draw.text((box[0] + 6, box[3] - line - 4), "+" + ", +".join(told), font=font, fill="white",
                       stroke_width=2, stroke_fill="black")  # fmt: skip
     regions = parse_regions(plan.settings.regions)
     for region in regions:
         box = (region.x0 * width, region.y0 * height, region.x1 * width - 1, region.y1 * height - 1)
         draw.rectangle(box, outline=REGION_COLOUR + (255,), width=3)
-        draw.text((box[0] + 8, box[1] + font.size + 12), brief_repr(region.prompt), font=font,
+        draw.text((box[0] + 8, box[1] + line + 8), brief_repr(region.prompt), font=font,
                   fill=REGION_COLOUR, stroke_width=2, stroke_fill="black")  # fmt: skip
     picture = Image.alpha_composite(picture.convert("RGBA"), overlay).convert("RGB")
     key = "Yellow: fine detail, which decides where tiles split. " if show_detail else ""
