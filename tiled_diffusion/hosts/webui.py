@@ -171,7 +171,7 @@ def start(p: Any, args: tuple, preparation: Preparation | None = None) -> Job | 
 
     preparation: what `prepare` did for this job; Forge's tiled VAE joins its undo steps."""
     try:
-        settings = _settings(args)
+        settings = settings_of(p, args)
     except SettingsError as error:
         return RejectedJob(error)
     if not settings.enabled:
@@ -193,12 +193,32 @@ def start(p: Any, args: tuple, preparation: Preparation | None = None) -> Job | 
     return Job(settings, p, family)
 
 
-def _settings(args: tuple) -> Settings:
+def settings_of(p: Any, args: tuple) -> Settings:
+    """The job's settings: its script args, with an X/Y/Z plot cell's values over them."""
     args = list(args)
     if args and isinstance(args[0], dict):
         # Named API args: the WebUI pads the one-dict list with the UI's defaults.
         args = args[:1]
-    return Settings.from_args(args).check_upscaler(upscaler_names())
+    settings = Settings.from_args(args)
+    cell = overrides_of(p)
+    if cell:
+        settings = dataclasses.replace(settings, **cell)  # checked again, e.g. max_tile >= 2 min_tile
+    return settings.check_upscaler(upscaler_names())
+
+
+# The attribute on an X/Y/Z plot cell's copy of p that holds the cell's values ({name: value}).
+XYZ_OVERRIDES = "quadtree_tiled_diffusion_xyz"
+
+
+def overrides_of(p: Any) -> dict[str, Any]:
+    """The values an X/Y/Z plot cell sets on this job (hosts/xyz.py), or {}."""
+    return dict(getattr(p, XYZ_OVERRIDES, None) or {})
+
+
+def forget_overrides(p: Any) -> None:
+    """Drop an X/Y/Z plot cell's values from p at the end of its job."""
+    if XYZ_OVERRIDES in getattr(p, "__dict__", {}):
+        delattr(p, XYZ_OVERRIDES)
 
 
 def upscaler_names() -> list[str] | None:
@@ -242,7 +262,7 @@ def prepare(p: Any, args: tuple) -> Preparation | None:
     """The steps that must run before the WebUI reads `p` (`before_process`): the upscale
     step, and in A1111 the tiled VAE; None when the extension is off or its args are bad."""
     try:
-        settings = _settings(args)
+        settings = settings_of(p, args)
     except SettingsError:
         return None  # process() rejects the job with the message
     if not settings.enabled:
