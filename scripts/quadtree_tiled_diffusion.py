@@ -12,7 +12,7 @@ from modules import script_callbacks, scripts
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 try:  # a broken install must never stop the WebUI from starting
-    from tiled_diffusion.hosts import api, webui, words
+    from tiled_diffusion.hosts import api, webui, words, xyz
     from tiled_diffusion.settings import PARAMETERS
     from tiled_diffusion.ui import build_ui
 
@@ -114,6 +114,8 @@ class Script(scripts.Script):
             self.job.postprocess_image(p, pp)
 
     def postprocess(self, p, processed, *args):
+        if not IMPORT_ERROR:
+            webui.forget_overrides(p)  # an X/Y/Z plot cell's values end with its job
         if self.preparation is not None:
             self.preparation.undo()  # e.g. the user's width, height and init images for the next job
             self.preparation = None
@@ -122,5 +124,16 @@ class Script(scripts.Script):
             self.job = None
 
 
+def add_xyz_axes():
+    """Our axes in the X/Y/Z plot (the WebUI's own scripts/ load before extensions; the
+    callback catches a plot script loaded later). Never stops the WebUI."""
+    try:
+        xyz.register(scripts.scripts_data, webui.upscaler_names)
+    except Exception:  # noqa: BLE001 - the extension works without its axes
+        print(f"{TITLE} could not add its X/Y/Z plot axes:\n{traceback.format_exc()}", file=sys.stderr)
+
+
 if not IMPORT_ERROR:
     script_callbacks.on_app_started(lambda demo, app: api.add_validator(app, TITLE, webui.upscaler_names))
+    add_xyz_axes()
+    script_callbacks.on_before_ui(add_xyz_axes)

@@ -69,8 +69,10 @@ def state(monkeypatch):
     modules.shared = types.ModuleType("modules.shared")
     modules.shared.state = tracked
     modules.shared.sd_upscalers = UPSCALERS
+    modules.shared.opts = SimpleNamespace(img2img_background_color="#ffffff")
     modules.images = types.ModuleType("modules.images")
     modules.images.resize_image = resize_image
+    modules.images.flatten = flatten
     modules.sd_samplers_common = types.ModuleType("modules.sd_samplers_common")
     modules.sd_samplers_common.InterruptedException = InterruptedException
     for name in ("shared", "images", "sd_samplers_common"):
@@ -108,6 +110,17 @@ def _upscalers() -> list:
 
 
 UPSCALERS = _upscalers()
+
+
+def flatten(img, bgcolor):
+    """A1111 1.10's modules.images.flatten: an RGBA image's transparency over `bgcolor`, as RGB."""
+    from PIL import Image
+
+    if img.mode == "RGBA":
+        background = Image.new("RGBA", img.size, bgcolor)
+        background.paste(img, mask=img)  # the alpha band is the mask
+        img = background
+    return img.convert("RGB")
 
 
 def resize_image(resize_mode, im, width, height, upscaler_name=None):

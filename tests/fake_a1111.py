@@ -258,11 +258,13 @@ def image_cond(batch: int) -> torch.Tensor:
     return torch.zeros(batch, 5, 1, 1)  # A1111's dummy for non-inpainting SD1 models
 
 
-def load_script():
+def load_script(scripts_data=None):
     """The real scripts/ file, imported beside stand-ins for the WebUI modules it uses.
 
     Needs the `state` fixture's `modules`; its ui() builds with whatever sys.modules holds
-    as gradio (an empty stand-in when nothing does)."""
+    as gradio (an empty stand-in when nothing does). scripts_data: the WebUI's loaded
+    scripts (`modules.scripts.scripts_data`, e.g. the X/Y/Z plot); the callbacks registered
+    with `on_before_ui` are in `sys.modules["modules.script_callbacks"].before_ui`."""
     modules = sys.modules["modules"]
     modules.scripts = types.ModuleType("modules.scripts")
 
@@ -271,8 +273,11 @@ def load_script():
             pass
 
     modules.scripts.Script, modules.scripts.AlwaysVisible = Script, object()
+    modules.scripts.scripts_data = list(scripts_data or [])
     modules.script_callbacks = types.ModuleType("modules.script_callbacks")
     modules.script_callbacks.on_app_started = lambda callback: None
+    modules.script_callbacks.before_ui = []
+    modules.script_callbacks.on_before_ui = modules.script_callbacks.before_ui.append
     sys.modules.update(
         {"modules.scripts": modules.scripts, "modules.script_callbacks": modules.script_callbacks}
     )

@@ -211,7 +211,12 @@ def install(monkeypatch, sdxl=False, marked=()) -> TextModel:
     monkeypatch.setitem(sys.modules, "modules.prompt_parser", parser)
     monkeypatch.setitem(sys.modules, "modules.devices", devices)
     monkeypatch.setattr(modules.shared, "sd_model", model, raising=False)
-    monkeypatch.setattr(modules.shared, "opts", SimpleNamespace(use_old_scheduling=False), raising=False)
+    monkeypatch.setattr(
+        modules.shared,
+        "opts",
+        SimpleNamespace(use_old_scheduling=False, img2img_background_color="#ffffff"),
+        raising=False,
+    )
     return model
 
 

@@ -10,6 +10,7 @@ import torch
 
 import tiled_diffusion as td
 from tiled_diffusion.blend import window_weights
+from tiled_diffusion.prompts import WindowPrompt
 
 from .test_core_plan import karras, photo
 
@@ -347,3 +348,82 @@ def test_original_of_another_size_and_missing_schedule_are_rejected(image):
         td.TiledDenoiser(affine, make_plan(image), original=torch.zeros(1, 4, H // 2, W))
     with pytest.raises(ValueError, match="sigmas"):
         td.TiledDenoiser(affine, make_plan(image, variable_denoise=True), original=latent(1))
+
+
+def small_job_plan(tile_batch: int, **settings) -> td.Plan:
+    """The issue's 256 px job (Min tile 64, Max tile 128): every window's view is the whole image."""
+    picture = photo("astronaut", longest=512).resize((256, 256))
+    values = {"min_tile": 64, "max_tile": 128, "tile_batch": tile_batch, **settings}
+    return td.build_plan(picture, td.Settings(**values), latent_size=(32, 32), sigmas=karras(20))
+
+
+def each_window_told_apart(plan: td.Plan) -> td.Plan:
+    """The same plan with every window's tiles given a prompt of their own: no two windows
+    share a conditioning, so each view is evaluated on its own."""
+    leaves = list(plan.leaves)
+    for i, window in enumerate(plan.windows):
+        for k in window.leaves:
+            leaves[k] = dataclasses.replace(leaves[k], prompt=WindowPrompt(added=(f"window {i}",)))
+    return dataclasses.replace(plan, leaves=leaves)
+
+
+def own_conditioning(prompt, cond, rows):
+    return dict(cond)  # the same tensors in a conditioning of its own
+
+
+class ConvModel:
+    """A deterministic model that mixes neighbouring pixels (a view's crop changes its output)."""
+
+    def __init__(self):
+        torch.manual_seed(3)
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.rows = 0
+
+    @torch.no_grad()
+    def __call__(self, x, sigma, **cond):
+        self.rows += x.shape[0]
+        return torch.tanh(self.conv(x)) + x / (1 + sigma.view(-1, 1, 1, 1) ** 2)
+
+
+@pytest.mark.parametrize("variable_denoise", [False, True], ids=["one strength", "variable denoise"])
+def test_identical_views_are_evaluated_once_with_a_bit_identical_result(k_diffusion, variable_denoise):
+    settings = {"variable_denoise": True, "detail_threshold": 90} if variable_denoise else {}
+    plan = small_job_plan(tile_batch=1, **settings)
+    assert len(plan.windows) == 4 and {(w.x, w.y, w.w, w.h) for w in plan.windows} == {(0, 0, 32, 32)}
+    if variable_denoise:
+        assert len({plan.leaves[w.leaves[0]].strength for w in plan.windows}) == 2
+    original = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(2))
+    sigmas = karras(20)[20 - int(plan.max_strength * 20) - 1 :] if variable_denoise else karras(20)
+    results, rows = [], []
+    for each in (plan, each_window_told_apart(plan)):
+        model = ConvModel()
+        den = td.TiledDenoiser(model, each, original=original, window_cond=own_conditioning)
+        results.append(run_sampler(k_diffusion, "sample_euler", den, original + noise * sigmas[0], sigmas))
+        rows.append(model.rows)
+        if each is plan:
+            assert den.stats["model_calls"] == den.stats["calls"], "one whole-image view per call"
+            assert den.stats["shared_views"] > 0
+    assert torch.equal(results[0], results[1]), "bit for bit the result of evaluating each view"
+    assert rows[0] == 2 * (len(sigmas) - 1), "two rows (cond and uncond) per step, not two per window"
+    assert rows[1] > rows[0]
+
+
+def test_windows_of_different_prompts_are_not_merged():
+    plan = each_window_told_apart(small_job_plan(tile_batch=4))
+    model = ConvModel()
+    den = td.TiledDenoiser(model, plan, original=torch.zeros(1, 4, 32, 32), window_cond=own_conditioning)
+    den(torch.randn(1, 4, 32, 32), torch.tensor([1.0]))
+    assert model.rows == 4 and den.stats["shared_views"] == 0
+
+
+def test_shared_views_at_a_larger_tile_batch_give_the_same_result(image):
+    plan = small_job_plan(tile_batch=4)
+    x, sigma, original = torch.randn(2, 4, 32, 32), torch.tensor([2.0, 2.0]), torch.randn(2, 4, 32, 32)
+    alone = td.TiledDenoiser(
+        ConvModel(), each_window_told_apart(plan), original, window_cond=own_conditioning
+    )
+    model = ConvModel()
+    shared = td.TiledDenoiser(model, plan, original)(x, sigma)
+    torch.testing.assert_close(shared, alone(x, sigma), atol=1e-6, rtol=1e-6)
+    assert model.rows == 2

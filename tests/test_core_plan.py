@@ -373,3 +373,10 @@ def test_aligned_plan_blends_to_a_partition_of_unity():
     plan = td.build_plan(photo("astronaut").resize((1000, 600)), settings, (75, 125), align=2)
     total = weight_sum(plan)
     assert total.shape == (75, 125) and (total > 0).all() and torch.isfinite(total).all()
+
+
+def test_a_view_shared_by_several_windows_counts_once_in_the_estimated_work():
+    image = photo("astronaut", longest=512).resize((256, 256))
+    plan = td.build_plan(image, td.Settings(min_tile=64, max_tile=128), latent_size=(32, 32))
+    assert len(plan.windows) == 4 and {(w.x, w.y, w.w, w.h) for w in plan.windows} == {(0, 0, 32, 32)}
+    assert estimated_work(plan) == 32 * 32, "one whole-image view per call"

@@ -295,3 +295,19 @@ def test_named_api_args_arrive_padded_with_ui_defaults(init_image):
     padded = [{"enabled": True, "skip_below": 64}] + td.Settings().as_args()[1:]
     job = webui.start(fake.processing([init_image], W, H, 1), padded)
     assert job.settings == td.Settings(enabled=True, skip_below=64)
+
+
+def test_small_job_costs_one_whole_image_view_per_step(k_diffusion, state, init_image):
+    """The issue's 256 px job, Min tile 64 and Max tile 128: every window's view is the whole
+    image, evaluated once per step (A1111: cond and uncond rows in one call)."""
+    g = torch.Generator().manual_seed(11)
+    original, noise = torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 4, 32, 32, generator=g)
+    model = fake.AnalyticSD()
+    p = fake.processing([init_image.resize((256, 256))], 256, 256, 1)
+    _, job = run_img2img(
+        k_diffusion, state, p, args(min_tile=64, max_tile=128, overlap=32), original, noise, model=model
+    )
+    assert len(job.plan.windows) > 1
+    assert set(model.shapes) == {(2, 4, 32, 32)}
+    steps = int(p.denoising_strength * p.steps) + 1  # the WebUI's img2img schedule: t_enc + 1 steps
+    assert len(model.shapes) == steps, "one model call per step"

@@ -65,4 +65,11 @@ def paste_kept_pixels(decoded: Image.Image, original: Image.Image, plan) -> Imag
     )[0, 0]
     mask = Image.fromarray(np.uint8(mask.clamp(0, 1).numpy() * 255 + 0.5))
     mask = mask.resize(size, Image.Resampling.BILINEAR)
-    return Image.composite(original.convert(decoded.mode).resize(size), decoded, mask)
+    original = original.convert(decoded.mode)
+    if all(0 <= o - d < LATENT_SCALE for o, d in zip(original.size, size)):
+        # A job size that is not a multiple of 8 px: the latent, and so the decoded image,
+        # covers the init image's top-left part; its pixels are pasted where they were.
+        original = original.crop((0, 0, *size))
+    else:
+        original = original.resize(size)
+    return Image.composite(original, decoded, mask)

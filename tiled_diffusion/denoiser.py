@@ -61,7 +61,8 @@ class TiledDenoiser:
         self.window_cond = window_cond
         self.tile_batch = plan.settings.tile_batch  # a host may lower it for one pass
         self.notes: list[str] = []
-        self.stats = {"calls": 0, "model_calls": 0, "evaluated_pixels": 0}
+        # shared_views: windows served by another window's evaluation of the same view
+        self.stats = {"calls": 0, "model_calls": 0, "evaluated_pixels": 0, "shared_views": 0}
         if original is not None:
             _check_latent("original", original, plan)
         elif plan.uses_original:
@@ -90,36 +91,62 @@ class TiledDenoiser:
         ]
         conds = self._window_conds(windows, cond, rows)
         self.stats["calls"] += 1
+        # The blend follows the order of the windows batched by shape; a view shared by
+        # several windows (the same crop with the same conditioning) is evaluated once, the
+        # first time one of them is reached, and serves the others in their own turn.
+        order = _by_shape(windows, conds)
+        keys = {id(w): (w.x, w.y, w.w, w.h, id(conds[id(w)])) for w in order}
+        last_use = {keys[id(w)]: i for i, w in enumerate(order)}
+        views: dict[tuple, Window] = {}
+        for w in order:
+            views.setdefault(keys[id(w)], w)
+        batches = iter(_batches(list(views.values()), self.tile_batch, conds))
+        outputs: dict[tuple, tuple[torch.Tensor, int]] = {}  # key -> (model output, row block)
         acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         done = 0
-        for batch in _batches(windows, self.tile_batch, conds):
-            crops = torch.cat([x[:, :, w.y : w.y + w.h, w.x : w.x + w.w] for w in batch])
-            window_conds = [conds[id(w)] for w in batch]
-            if all(c is cond for c in window_conds):
-                batch_cond = _batch_cond(cond, batch, rows, self.plan.latent_size)
+        for i, w in enumerate(order):
+            key = keys[id(w)]
+            while key not in outputs:
+                batch = next(batches)
+                out = self._evaluate(batch, x, sigma, cond, conds, rows)
+                outputs.update((keys[id(v)], (out, j)) for j, v in enumerate(batch))
+                done += len(batch)
+                if self.progress:
+                    self.progress(done, len(views))
+            out, j = outputs[key]
+            if last_use[key] == i:
+                del outputs[key]
             else:
-                batch_cond = _batch_conds(window_conds, batch, rows, self.plan.latent_size)
-            with self.around_batch(batch, rows):
-                out = self.model(crops, _repeat_rows(sigma, rows, len(batch)), **batch_cond)
-            if out.shape != crops.shape:
-                raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(crops.shape)}")
-            self.stats["model_calls"] += 1
-            for j, w in enumerate(batch):
-                for b in w.bands:
-                    region = (slice(None), slice(None), slice(b.y, b.y + b.h), slice(b.x, b.x + b.w))
-                    in_view = (slice(b.y - w.y, b.y - w.y + b.h), slice(b.x - w.x, b.x - w.x + b.w))
-                    denoised = out[j * rows : (j + 1) * rows, :, in_view[0], in_view[1]].float()
-                    if original is not None:
-                        denoised = denoised - original[region]
-                    acc[region] += denoised * weights[(b.h, b.w)]
-                self.stats["evaluated_pixels"] += w.w * w.h
-            done += len(batch)
-            if self.progress:
-                self.progress(done, len(windows))
+                self.stats["shared_views"] += 1
+            for b in w.bands:
+                region = (slice(None), slice(None), slice(b.y, b.y + b.h), slice(b.x, b.x + b.w))
+                in_view = (slice(b.y - w.y, b.y - w.y + b.h), slice(b.x - w.x, b.x - w.x + b.w))
+                denoised = out[j * rows : (j + 1) * rows, :, in_view[0], in_view[1]].float()
+                if original is not None:
+                    denoised = denoised - original[region]
+                acc[region] += denoised * weights[(b.h, b.w)]
         acc /= weight_sum
         if original is not None:
             acc += original
         return acc.to(x.dtype)
+
+    def _evaluate(
+        self, batch: list[Window], x: torch.Tensor, sigma: Any, cond: dict, conds: dict, rows: int
+    ) -> torch.Tensor:
+        """The model's output for a batch of views: `rows` rows per view, view after view."""
+        crops = torch.cat([x[:, :, w.y : w.y + w.h, w.x : w.x + w.w] for w in batch])
+        window_conds = [conds[id(w)] for w in batch]
+        if all(c is cond for c in window_conds):
+            batch_cond = _batch_cond(cond, batch, rows, self.plan.latent_size)
+        else:
+            batch_cond = _batch_conds(window_conds, batch, rows, self.plan.latent_size)
+        with self.around_batch(batch, rows):
+            out = self.model(crops, _repeat_rows(sigma, rows, len(batch)), **batch_cond)
+        if out.shape != crops.shape:
+            raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(crops.shape)}")
+        self.stats["model_calls"] += 1
+        self.stats["evaluated_pixels"] += sum(w.w * w.h for w in batch)
+        return out
 
     def _window_conds(self, windows: list[Window], cond: dict, rows: int) -> dict[int, dict]:
         """Each window's conditioning (by id): the call's own, or the host's for its prompt
@@ -178,15 +205,19 @@ def _sigma_value(sigma: torch.Tensor | float) -> float:
     return float(values[0])
 
 
+def _shape_key(w: Window, conds: dict[int, dict] | None) -> tuple:
+    return w.h, w.w, _shapes(conds[id(w)]) if conds else ()
+
+
+def _by_shape(windows: list[Window], conds: dict[int, dict] | None = None) -> list[Window]:
+    """The windows grouped by view shape and conditioning shapes, otherwise in plan order."""
+    return sorted(windows, key=lambda w: _shape_key(w, conds))
+
+
 def _batches(windows: list[Window], size: int, conds: dict[int, dict] | None = None) -> list[list[Window]]:
     """Windows of equal shape and conditioning shapes, `size` at a time."""
-
-    def key(w: Window) -> tuple:
-        return w.h, w.w, _shapes(conds[id(w)]) if conds else ()
-
-    by_shape = sorted(windows, key=key)
     batches = []
-    for _, group in groupby(by_shape, key=key):
+    for _, group in groupby(_by_shape(windows, conds), key=lambda w: _shape_key(w, conds)):
         group = list(group)
         batches += [group[i : i + size] for i in range(0, len(group), size)]
     return batches

@@ -342,18 +342,22 @@ def estimated_work(plan: Plan, steps: int = 20) -> float:
     """Model work in latent pixels x share of the job's denoiser calls, from the strengths.
 
     A window of strength d runs int(d * steps) + 1 of the job's int(top * steps) + 1 calls
-    (the WebUI img2img rule), for a nominal step count.
+    (the WebUI img2img rule), for a nominal step count. Windows with the same view and
+    prompt are evaluated once per call (the denoiser shares the view), so such a view
+    counts once, for as many calls as its longest-running window.
     """
 
     def calls(strength: float) -> int:
         return int(min(strength, 0.999) * steps) + 1
 
     top = calls(plan.max_strength)
-    return sum(
-        w.w * w.h * calls(plan.leaves[w.leaves[0]].strength) / top
-        for w in plan.windows
-        if not plan.leaves[w.leaves[0]].skipped
-    )
+    views: dict[tuple, int] = {}
+    for w in plan.windows:
+        leaf = plan.leaves[w.leaves[0]]
+        if not leaf.skipped:
+            key = (w.x, w.y, w.w, w.h, leaf.prompt)
+            views[key] = max(views.get(key, 0), calls(leaf.strength))
+    return sum(w * h * n / top for (_, _, w, h, _), n in views.items())
 
 
 def grid_work(latent_size: tuple[int, int], settings: Settings) -> float:

@@ -340,6 +340,26 @@ PARAMETERS: tuple[Param, ...] = (
 
 PARAMETERS_BY_NAME = {p.name: p for p in PARAMETERS}
 
+# The parameters a user sweeps in the WebUI's X/Y/Z plot (hosts/xyz.py): each is an axis
+# labelled "[Quadtree] <label>". Upscaler and Scale factor are img2img axes only.
+XYZ_AXES = (
+    "method",
+    "detail_threshold",
+    "min_tile",
+    "max_tile",
+    "overlap",
+    "min_window",
+    "skip_below",
+    "skip_mode",
+    "variable_denoise",
+    "denoise_largest",
+    "denoise_smallest",
+    "window_prompts",
+    "upscaler",
+    "scale_factor",
+)
+XYZ_IMG2IMG_ONLY = ("upscaler", "scale_factor")
+
 
 def _check_regions(text: str) -> None:
     from .prompts import parse_regions  # prompts.py raises SettingsError, declared here

@@ -171,7 +171,7 @@ def start(p: Any, args: tuple, preparation: Preparation | None = None) -> Job | 
 
     preparation: what `prepare` did for this job; Forge's tiled VAE joins its undo steps."""
     try:
-        settings = _settings(args)
+        settings = settings_of(p, args)
     except SettingsError as error:
         return RejectedJob(error)
     if not settings.enabled:
@@ -193,12 +193,32 @@ def start(p: Any, args: tuple, preparation: Preparation | None = None) -> Job | 
     return Job(settings, p, family)
 
 
-def _settings(args: tuple) -> Settings:
+def settings_of(p: Any, args: tuple) -> Settings:
+    """The job's settings: its script args, with an X/Y/Z plot cell's values over them."""
     args = list(args)
     if args and isinstance(args[0], dict):
         # Named API args: the WebUI pads the one-dict list with the UI's defaults.
         args = args[:1]
-    return Settings.from_args(args).check_upscaler(upscaler_names())
+    settings = Settings.from_args(args)
+    cell = overrides_of(p)
+    if cell:
+        settings = dataclasses.replace(settings, **cell)  # checked again, e.g. max_tile >= 2 min_tile
+    return settings.check_upscaler(upscaler_names())
+
+
+# The attribute on an X/Y/Z plot cell's copy of p that holds the cell's values ({name: value}).
+XYZ_OVERRIDES = "quadtree_tiled_diffusion_xyz"
+
+
+def overrides_of(p: Any) -> dict[str, Any]:
+    """The values an X/Y/Z plot cell sets on this job (hosts/xyz.py), or {}."""
+    return dict(getattr(p, XYZ_OVERRIDES, None) or {})
+
+
+def forget_overrides(p: Any) -> None:
+    """Drop an X/Y/Z plot cell's values from p at the end of its job."""
+    if XYZ_OVERRIDES in getattr(p, "__dict__", {}):
+        delattr(p, XYZ_OVERRIDES)
 
 
 def upscaler_names() -> list[str] | None:
@@ -242,7 +262,7 @@ def prepare(p: Any, args: tuple) -> Preparation | None:
     """The steps that must run before the WebUI reads `p` (`before_process`): the upscale
     step, and in A1111 the tiled VAE; None when the extension is off or its args are bad."""
     try:
-        settings = _settings(args)
+        settings = settings_of(p, args)
     except SettingsError:
         return None  # process() rejects the job with the message
     if not settings.enabled:
@@ -310,7 +330,7 @@ def upscale_init_images(p: Any, settings: Settings) -> Callable[[], None]:
     mode = mode if mode in (0, 1, 2) else 0  # 3, "latent upscale": the images themselves just resized
     # A new list: XYZ plot's copies of p share the old one.
     p.init_images = [
-        images.resize_image(mode, image.convert("RGB"), width, height, upscaler_name=settings.upscaler)
+        images.resize_image(mode, _flattened(image), width, height, upscaler_name=settings.upscaler)
         for image in p.init_images
     ]
     p.width, p.height = width, height
@@ -326,13 +346,24 @@ def _is_forge(p: Any) -> bool:
 
 
 def _resized_init_image(p: Any, image: Image.Image) -> Image.Image:
-    """The init image as the job sees it: resized by the job's resize mode."""
+    """The init image as the job sees it: transparency over the WebUI's img2img background
+    colour, resized by the job's resize mode (processing.py does the same before encoding)."""
+    mode = getattr(p, "resize_mode", 0)
+    # 3, "latent upscale": the WebUI encodes the image at its own size and stretches the latent.
+    mode = mode if mode in (0, 1, 2) else 0
     try:
         from modules import images  # the WebUI's own resize (crop / fill / just resize)
-
-        return images.resize_image(getattr(p, "resize_mode", 0), image.convert("RGB"), p.width, p.height)
     except ImportError:
         return image.convert("RGB").resize((p.width, p.height), Image.Resampling.LANCZOS)
+    return images.resize_image(mode, _flattened(image), p.width, p.height)
+
+
+def _flattened(image: Image.Image) -> Image.Image:
+    """An init image in RGB as the WebUI reads it: an RGBA image's transparency filled with
+    the img2img background colour (modules/images.py flatten), not dropped to black."""
+    from modules import images, shared
+
+    return images.flatten(image, shared.opts.img2img_background_color)
 
 
 def _log(text: str) -> None:
