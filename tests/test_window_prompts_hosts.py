@@ -524,3 +524,20 @@ def test_a1111_hires_pass_encodes_the_hires_prompts_over_the_hires_steps(
     p.sampler.sample_img2img(p, original, noise, cond, uncond, torch.zeros(1, 5, 1, 1))
     job.finish()
     assert sorted(seen) == [([f"a farm, sharp, {r}"], W, H, STEPS, 10) for r in (LEFT, RIGHT)]
+
+
+@pytest.mark.parametrize(
+    "name, side",
+    [
+        ("SDXL", 1024),
+        ("StableDiffusionXL", 1024),
+        ("SD 2.x v-prediction", 768),
+        ("SD 1.x", 512),
+        ("StableDiffusion", 512),
+    ],
+)
+def test_words_are_placed_at_the_models_own_size(name, side):
+    # A1111 names SDXL "SDXL", Forge by its engine class "StableDiffusionXL": both 1024 px.
+    from tiled_diffusion.hosts.families import Family
+
+    assert Family(name).native_side == side

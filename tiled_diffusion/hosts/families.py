@@ -23,6 +23,14 @@ class Family:
     refused: str | None = None  # why the job cannot be tiled, naming the model type
 
     @property
+    def native_side(self) -> int:
+        """The image side in px the model was trained at: SDXL 1024 (A1111 says "SDXL", Forge
+        "StableDiffusionXL"), SD 2.x v-prediction 768, the others 512."""
+        if "XL" in self.name:
+            return 1024
+        return 768 if "v-prediction" in self.name else 512
+
+    @property
     def cross_attention(self) -> bool:
         """Whether the model has text cross-attention maps to read (UNets); the patch
         transformers (SD3, Flux, Chroma) attend to text and image jointly."""

@@ -126,7 +126,7 @@ class Job(_HookedJob):
             return
         self.placed_for = key
         try:
-            placed, lines = words.place(p, x, self.family.name, hires)
+            placed, lines = words.place(p, x, self.family.native_side, hires)
         except Exception as error:  # noqa: BLE001 - the job goes on tiled, with the whole prompt
             _note(
                 p,

@@ -22,16 +22,16 @@ from ..prompts import AND, WEIGHT, WindowPrompt, placed_masks, prompt_phrases, t
 from .prompts import WindowConds, cond_parts
 
 MIDDLE_TIMESTEP = 500  # of the 1000 training timesteps: the picture's layout is set, its detail not
-NATIVE_SIDE = {"SDXL": 1024}  # latent px x 8 the model was trained at; SD 1.x / 2.x: 512
 NOISE_SEED = 0
 
 
 def place(
-    p: Any, latent: torch.Tensor, family: str, hires: bool, size: tuple[int, int] | None = None
+    p: Any, latent: torch.Tensor, native_side: int, hires: bool, size: tuple[int, int] | None = None
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """(phrase -> where it lies on the latent grid, [H, W] bool; lines for the console).
 
     latent: the clean original of the pass, [B, C, H, W] (its first image is used).
+    native_side: the side in px the model was trained at (families.Family.native_side).
     size: the latent grid of the masks (default: the latent's own).
     """
     conds = WindowConds(p, hires)
@@ -43,7 +43,7 @@ def place(
     positions = _phrase_positions(p, prompt, conds, step)
     if not positions:
         return {}, [f"no phrase of the prompt was found in its tokens ({prompt[:60]!r})"]
-    native = native_size(tuple(latent.shape[-2:]), NATIVE_SIDE.get(family, 512) // 8)
+    native = native_size(tuple(latent.shape[-2:]), native_side // 8)
     small = torch.nn.functional.interpolate(latent[:1].float(), size=native, mode="area")
     start = time.perf_counter()
     recorder = _run_model(p, small, parts, len(own))
@@ -170,7 +170,7 @@ def preview(
     family = of_job(SimpleNamespace(sd_model=model))
     if not family.cross_attention:
         return {}, [f"{family.name} has no cross-attention maps: every window gets the whole prompt"]
-    native = native_size(latent_size, NATIVE_SIDE.get(family.name, 512) // 8)
+    native = native_size(latent_size, family.native_side // 8)
     small = image.convert("RGB").resize((native[1] * 8, native[0] * 8))
     pixels = torch.from_numpy(np.asarray(small, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
     height, width = (side * 8 for side in latent_size)
@@ -182,4 +182,4 @@ def preview(
             latent = model.get_first_stage_encoding(
                 model.encode_first_stage(pixels.to(devices.device, devices.dtype_vae))
             )
-        return place(p, latent.float(), family.name, False, latent_size)
+        return place(p, latent.float(), family.native_side, False, latent_size)
