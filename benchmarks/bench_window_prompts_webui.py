@@ -21,7 +21,7 @@ PROMPT = "a photo of an astronaut, a woman smiling, the american flag, a space s
 JOBS = {
     "Whole prompt": {},
     "Words where they are": {"window_prompts": "Words where they are"},
-    "two regions": {"regions": "0 0 0.5 1: a woman smiling\n0.5 0 1 1: a space shuttle"},
+    "two regions": {"regions": "0 0 0.5 1: a smiling face\n0.5 0 1 1: a rocket"},
 }
 
 
