@@ -267,9 +267,28 @@ class RecordingKModel(KModel):
 
 
 def run_forge(
-    k_diffusion, state, monkeypatch, init_image, prompt_list, negatives, sdxl=False, separate=False, **values
+    k_diffusion,
+    state,
+    monkeypatch,
+    init_image,
+    prompt_list,
+    negatives,
+    sdxl=False,
+    separate=False,
+    hires=False,
+    **values,
 ):
     text_model, p = processing(monkeypatch, init_image, prompt_list, negatives, sdxl)
+    if hires:  # the hires pass of a txt2img job: Forge starts it twice
+        import sys
+        import types
+
+        samplers = types.ModuleType("modules.sd_samplers")
+        samplers.find_sampler_config = lambda name: None
+        monkeypatch.setitem(sys.modules, "modules.sd_samplers", samplers)
+        p.init_images, p.is_hr_pass, p.hr_prompts = None, True, prompt_list
+        p.hr_upscale_to_x, p.hr_upscale_to_y, p.hr_second_pass_steps = W, H, STEPS
+        p.hr_sampler_name = p.sampler_name = "Euler"
     batch = len(prompt_list)
     kmodel = WordsKModel()
     unet = UnetPatcher(kmodel)
@@ -285,7 +304,8 @@ def run_forge(
 
     p.sampler = Sampler()
     job = webui.start(p, settings(**values))
-    job.before_sampling(p, original)
+    for _ in range(2 if hires else 1):
+        job.before_sampling(p, original)
     cfg.unet = p.sd_model.forge_objects.unet
     cond, uncond = prompts.job_conds(text_model, prompt_list, negatives, STEPS, W, H)
     t_enc = int(0.5 * STEPS)
@@ -437,10 +457,13 @@ def forge_backend(monkeypatch):
     monkeypatch.setitem(sys.modules, "backend.memory_management", backend.memory_management)
 
 
+@pytest.mark.parametrize("hires", [False, True])
 def test_forge_words_where_they_are_places_a_phrase_by_its_attention(
-    k_diffusion, state, monkeypatch, init_image, forge_backend
+    k_diffusion, state, monkeypatch, init_image, forge_backend, hires
 ):
-    run = run_forge(k_diffusion, state, monkeypatch, init_image, [BARN_PROMPT], ["blurry"], **WORDS)
+    run = run_forge(
+        k_diffusion, state, monkeypatch, init_image, [BARN_PROMPT], ["blurry"], hires=hires, **WORDS
+    )
     ((shape, sigmas),) = run.kmodel.words_calls
     assert shape[-2:] == (56, 72) and len(set(sigmas)) == 1
     plan = run.job.plan

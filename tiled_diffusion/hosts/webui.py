@@ -58,6 +58,7 @@ class Job(_HookedJob):
         self.family = family or families.Family("unknown")
         self.planned: tuple | None = None  # (picture, settings) the plan was built from
         self.placed_for: tuple | None = None  # the pass whose words were placed
+        self.placed: dict[str, torch.Tensor] = {}  # and where (prompts.placed_masks)
         p.extra_generation_params.update(settings.infotext())
         if self.img2img:
             # The plan comes from the init image as the job resizes it; known already here,
@@ -120,24 +121,25 @@ class Job(_HookedJob):
             )
 
     def _place_words(self, p: Any, x: torch.Tensor, hires: bool) -> None:
-        """'Words where they are': place the phrases once per pass and re-plan with them."""
+        """'Words where they are': place the phrases once per pass, and plan with them (again
+        after a rebuild of the plan: Forge starts the hires pass twice)."""
         key = (hires, tuple(x.shape))
-        if self.placed_for == key:
-            return
-        self.placed_for = key
-        try:
-            placed, lines = words.place(p, x, self.family.native_side, hires)
-        except Exception as error:  # noqa: BLE001 - the job goes on tiled, with the whole prompt
-            _note(
-                p,
-                f"{TITLE}: could not place the prompt's words ({error}); every window gets the whole prompt",
-            )
-            return
-        for line in lines:
-            _log(f"Words where they are: {line}")
-        if placed:
+        if self.placed_for != key:
+            self.placed_for, self.placed = key, {}
+            try:
+                self.placed, lines = words.place(p, x, self.family.native_side, hires)
+            except Exception as error:  # noqa: BLE001 - the job goes on tiled, with the whole prompt
+                _note(
+                    p,
+                    f"{TITLE}: could not place the prompt's words ({type(error).__name__}: {error}); "
+                    "every window gets the whole prompt",
+                )
+                return
+            for line in lines:
+                _log(f"Words where they are: {line}")
+        if self.placed and not any(leaf.prompt.left_out for leaf in self.plan.leaves):
             picture, settings = self.planned
-            self._build(picture, settings, tuple(x.shape[-2:]), placed)
+            self._build(picture, settings, tuple(x.shape[-2:]), self.placed)
 
     def postprocess_image(self, p: Any, pp: Any) -> None:
         """Keep pixels: paste the init image back into skipped tiles, faded across the overlap."""
