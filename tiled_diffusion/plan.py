@@ -92,8 +92,9 @@ class Plan:
         height, width = self.latent_size
         skipped = sum(leaf.w * leaf.h for leaf in self.leaves if leaf.skipped) / (width * height)
         grid = grid_work(self.latent_size, self.settings)
+        windows = f"{len(self.windows)} model window" + "s" * (len(self.windows) != 1)
         return (
-            f"{len(self.leaves)} tiles ({by_size}) in {len(self.windows)} model windows; "
+            f"{len(self.leaves)} tiles ({by_size}) in {windows}; "
             f"skipped {skipped:.0%} of the area; estimated model work {estimated_work(self) / grid:.0%} "
             f"of a uniform {self.settings.max_tile} px grid with the same blend band"
         )
