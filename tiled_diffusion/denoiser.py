@@ -108,7 +108,7 @@ class TiledDenoiser:
             key = keys[id(w)]
             while key not in outputs:
                 batch = next(batches)
-                out = self._evaluate(batch, x, sigma, cond, conds, rows)
+                out = self._evaluate(batch, x, sigma, conds, rows)
                 outputs.update((keys[id(v)], (out, j)) for j, v in enumerate(batch))
                 done += len(batch)
                 if self.progress:
@@ -131,15 +131,11 @@ class TiledDenoiser:
         return acc.to(x.dtype)
 
     def _evaluate(
-        self, batch: list[Window], x: torch.Tensor, sigma: Any, cond: dict, conds: dict, rows: int
+        self, batch: list[Window], x: torch.Tensor, sigma: Any, conds: dict, rows: int
     ) -> torch.Tensor:
         """The model's output for a batch of views: `rows` rows per view, view after view."""
         crops = torch.cat([x[:, :, w.y : w.y + w.h, w.x : w.x + w.w] for w in batch])
-        window_conds = [conds[id(w)] for w in batch]
-        if all(c is cond for c in window_conds):
-            batch_cond = _batch_cond(cond, batch, rows, self.plan.latent_size)
-        else:
-            batch_cond = _batch_conds(window_conds, batch, rows, self.plan.latent_size)
+        batch_cond = _batch_conds([conds[id(w)] for w in batch], batch, rows, self.plan.latent_size)
         with self.around_batch(batch, rows):
             out = self.model(crops, _repeat_rows(sigma, rows, len(batch)), **batch_cond)
         if out.shape != crops.shape:
@@ -241,24 +237,11 @@ def _repeat_rows(value: Any, rows: int, times: int) -> Any:
     return value
 
 
-def _batch_cond(value: Any, batch: list[Window], rows: int, latent_size: tuple[int, int]) -> Any:
-    """Conditioning for a batch of windows: spatial maps cropped, per-row tensors repeated."""
-    # Containers are rebuilt only where something inside changed: shared option dicts
-    # (Forge's transformer_options) must stay the very same object.
-    if isinstance(value, dict):
-        new = {k: _batch_cond(v, batch, rows, latent_size) for k, v in value.items()}
-        return value if all(new[k] is v for k, v in value.items()) else new
-    if isinstance(value, (list, tuple)):
-        new = [_batch_cond(v, batch, rows, latent_size) for v in value]
-        return value if all(a is b for a, b in zip(new, value)) else type(value)(new)
-    if isinstance(value, torch.Tensor) and value.ndim == 4 and tuple(value.shape[-2:]) == latent_size:
-        return torch.cat([value[:, :, w.y : w.y + w.h, w.x : w.x + w.w] for w in batch])
-    return _repeat_rows(value, rows, len(batch))
-
-
 def _batch_conds(values: list[Any], batch: list[Window], rows: int, latent_size: tuple[int, int]) -> Any:
-    """Conditioning for a batch of windows that each have their own (of equal shapes): spatial
-    maps cropped, per-row tensors laid out window after window, anything else the first's."""
+    """Conditioning for a batch of windows, each with its own (of equal shapes; most often the
+    call's own for all): spatial maps cropped, per-row tensors laid out window after window,
+    anything else the first's. Containers are rebuilt only where something inside changed:
+    shared option dicts (Forge's transformer_options) must stay the very same object."""
     first = values[0]
     if isinstance(first, dict):
         new = {k: _batch_conds([v[k] for v in values], batch, rows, latent_size) for k in first}

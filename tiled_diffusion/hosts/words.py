@@ -40,7 +40,7 @@ def place(
     conds_list, rows = conds.at_step(WindowPrompt(), step)
     own = [index for index, _ in conds_list[0]]  # the first image's rows, one per AND part
     parts = {name: tensor[own] for name, tensor in cond_parts(rows).items()}
-    positions = _phrase_positions(p, prompt, conds, step)
+    positions = _phrase_positions(prompt, conds, step)
     if not positions:
         return {}, [f"no phrase of the prompt was found in its tokens ({prompt[:60]!r})"]
     native = native_size(tuple(latent.shape[-2:]), native_side // 8)
@@ -61,7 +61,7 @@ def place(
     return placed, lines
 
 
-def _phrase_positions(p: Any, prompt: str, conds: WindowConds, step: int) -> dict[str, list[tuple[int, int]]]:
+def _phrase_positions(prompt: str, conds: WindowConds, step: int) -> dict[str, list[tuple[int, int]]]:
     """Each phrase's (row, token) positions in the conditioning of the prompt's AND parts."""
     engine = _text_engine(conds.model)
     tokenize = lambda text: engine.tokenize([text])[0]  # noqa: E731 - the host's ids, no start/end
