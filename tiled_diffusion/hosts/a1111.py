@@ -39,9 +39,9 @@ class SamplerHook:
     ):
         self.sampler, self.plan, self.progress, self.on_note = sampler, plan, progress, on_note
         self.controlnet = controlnet  # the job's ControlNet units, looked up at the first call
-        # Windows with prompts of their own: the pass's WindowConds, made at the first call.
-        self.make_window_conds = window_conds if any(leaf.prompt for leaf in plan.leaves) else None
-        self.window_conds: WindowConds | None = None
+        # Windows with prompts of their own: the pass's WindowConds (it encodes on first use).
+        told = window_conds is not None and any(leaf.prompt for leaf in plan.leaves)
+        self.window_conds: WindowConds | None = window_conds() if told else None
         self.rows_seen = 0  # rows of the CFG denoiser's batch handed to the inner model this step
         self.cond_rows: int | None = None  # how many of them are cond rows (they come first)
         self.call_rows = range(0)  # the batch rows of the inner call being evaluated
@@ -103,7 +103,7 @@ class SamplerHook:
                 progress=self.progress,
                 row_images=self._row_images,
                 around_batch=units.around if units else None,
-                window_cond=self._window_cond if self.make_window_conds else None,
+                window_cond=self._window_cond if self.window_conds else None,
             )
             if units and units.one_window_per_call:
                 self.denoiser.tile_batch = 1
@@ -139,7 +139,7 @@ class SamplerHook:
 
     def _cond_count(self, rows: range) -> int:
         """How many of these batch rows are cond rows (0 when windows keep the job's prompt)."""
-        if self.make_window_conds is None:
+        if self.window_conds is None:
             return 0
         if self.cond_rows is None:
             raise RuntimeError("Quadtree Tiled Diffusion: the step's conditioning was not seen")
@@ -149,14 +149,9 @@ class SamplerHook:
         """Whether some window prompt's rows have another token length than this call's."""
         length = _crossattn(cond).shape[1]
         return any(
-            cond_parts(self._conds().at_step(prompt, self.cfg.step)[1])["crossattn"].shape[1] != length
+            cond_parts(self.window_conds.at_step(prompt, self.cfg.step)[1])["crossattn"].shape[1] != length
             for prompt in {leaf.prompt for leaf in self.plan.leaves if leaf.prompt}
         )
-
-    def _conds(self) -> WindowConds:
-        if self.window_conds is None:
-            self.window_conds = self.make_window_conds()
-        return self.window_conds
 
     def _window_cond(self, prompt: WindowPrompt, kwargs: dict, rows: int) -> dict:
         """The call's conditioning with each cond row made from the window's prompt."""
@@ -164,7 +159,7 @@ class SamplerHook:
         picks = [(i, row) for i, row in enumerate(self.call_rows) if row < self.cond_rows]
         if not picks:  # uncond rows only: nothing of the window's own
             return kwargs
-        _, window = self._conds().at_step(prompt, self.cfg.step)
+        _, window = self.window_conds.at_step(prompt, self.cfg.step)
         new = dict(cond)
         for name, rows_of_prompt in cond_parts(window).items():
             key = "c_crossattn" if name == "crossattn" and "c_crossattn" in cond else name

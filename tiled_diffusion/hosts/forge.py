@@ -55,11 +55,10 @@ class UnetWrapper:
         self.error: Exception | None = None  # raised at the first call: rejected settings
         self.controlnet: ForgeChain | None = None  # this step's ControlNets, see take_control
         self._chunks: list[int] = [0]  # cond_or_uncond of the current call
-        # Windows with prompts of their own: the pass's WindowConds (made at the first call),
+        # Windows with prompts of their own: the pass's WindowConds (it encodes on first use),
         # the CFG denoiser whose step picks their rows, and the step's cond entries.
         has_prompts = plan is not None and any(leaf.prompt for leaf in plan.leaves)
-        self.make_window_conds = window_conds if has_prompts else None
-        self.window_conds: WindowConds | None = None
+        self.window_conds: WindowConds | None = window_conds() if has_prompts and window_conds else None
         self.cfg = cfg
         self.job_conds: list[torch.Tensor] = []  # crossattn of each cond entry (AND part), in order
         self._chains: dict[int, ForgeChain] = {}  # one per ControlNet chain, kept for the pass
@@ -100,7 +99,7 @@ class UnetWrapper:
                 self.original,
                 progress=self.progress,
                 around_batch=self._around,
-                window_cond=self._window_cond if self.make_window_conds else None,
+                window_cond=self._window_cond if self.window_conds else None,
             )
             for note in self.denoiser.notes:
                 self._note(note)
@@ -118,7 +117,7 @@ class UnetWrapper:
         if self.error is not None:
             raise self.error  # before Forge evaluates any ControlNet on the whole latent
         self.controlnet = None
-        if self.make_window_conds is not None:
+        if self.window_conds is not None:
             self.job_conds = [entry["model_conds"]["c_crossattn"].cond for entry in cond]
         if self.plan is not None:
             heads = {id(h): h for entry in [*cond, *(uncond or [])] if (h := entry.pop("control", None))}
@@ -142,8 +141,6 @@ class UnetWrapper:
         conditions); rows of different token lengths are repeated to their least common
         multiple, as Forge concatenates conditions (exact for attention).
         """
-        if self.window_conds is None:
-            self.window_conds = self.make_window_conds()
         conds_list, window = self.window_conds.at_step(prompt, self.cfg.step)
         parts = cond_parts(window)
         per_chunk = rows // len(self._chunks)
