@@ -12,9 +12,11 @@ from PIL import Image
 
 import tiled_diffusion as td
 from tiled_diffusion.settings import JOB_STRENGTH, PARAMETERS, PARAMETERS_BY_NAME
+from tiled_diffusion.strength import read_strength_map
 from tiled_diffusion.ui import NOTES
 
 from . import fake_a1111 as fake
+from .images import png_base64
 from . import fake_webui_infotext as webui_infotext
 
 README = Path(__file__).parent.parent / "README.md"
@@ -74,8 +76,10 @@ def test_positional_api_args_follow_the_declared_order():
     args = [True, "MultiDiffusion", 50, 64, 256, 32, 2, 100, "Keep latent", True, 0.2, 0.6]
     args += [320, "Lanczos", 1.5, False, 2048, 512]  # appended later: min_window, upscale, VAE
     args += ["Words where they are", "0 0 0.5 1: a red barn"]  # window prompts, regions
+    args += [png_base64(Image.new("L", (8, 8), 128))]  # strength map
     settings = td.Settings.from_args(args)
-    assert settings.as_args() == args
+    assert settings.as_args()[:-1] == args[:-1]
+    assert settings.strength_map == read_strength_map(args[-1]) and settings.strength_map.pixels.max() == 128
     older = td.Settings.from_args(args[:12])  # the API list before min_window was added
     assert older.as_args() == args[:12] + td.Settings().as_args()[12:]
     short = td.Settings.from_args([True, "MultiDiffusion"])
@@ -154,9 +158,13 @@ def job_infotext(script, tab: str, settings: td.Settings) -> str:
 
 
 def test_infotext_is_flat_scalars():
-    info = JOB.infotext()
+    with_map = dataclasses.replace(JOB, strength_map=Image.linear_gradient("L").resize((64, 48)))
+    info = with_map.infotext()
     assert all(isinstance(v, (bool, int, float, str)) for v in info.values())
     assert len(set(info)) == len(PARAMETERS)
+    key = PARAMETERS_BY_NAME["strength_map"].infotext_key
+    assert info[key] == f"{with_map.strength_map.digest} (64x48 px)"  # what a re-run must send again
+    assert key not in JOB.infotext()
 
 
 def test_a_job_without_regions_pastes_back_no_regions():
@@ -217,4 +225,6 @@ def repr_default(value) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return f'"{value}"'
+    if value is None:
+        return "none"
     return f"{value:g}"

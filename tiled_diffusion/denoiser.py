@@ -13,6 +13,7 @@ import torch
 from .blend import weight_sum, window_weights
 from .plan import Plan, Window
 from .prompts import WindowPrompt
+from .strength import pixel_starts
 
 # A host's conditioning of one window: given the window's prompt, the call's conditioning
 # keyword arguments and its row count, the same arguments with the cond rows made from the
@@ -72,12 +73,16 @@ class TiledDenoiser:
             raise ValueError("plan: variable denoise needs the sampler's sigmas; pass sigmas= to build_plan")
         self.original = original
         self._device_cache: dict[Any, tuple] = {}
+        self._starts: dict[float, torch.Tensor] = {}  # pixel start sigmas per window strength
+        self._device: torch.device | None = None
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
         _check_latent("x", x, self.plan)
         rows = x.shape[0]
         level = _sigma_value(sigma)
         weights, weight_sum, original = self._on_device(x.device)
+        if self._device != x.device:
+            self._device, self._starts = x.device, {}
         if original is not None:
             if original.shape[1] != x.shape[1]:
                 raise ValueError(f"x: {x.shape[1]} channels but the original has {original.shape[1]}")
@@ -89,6 +94,9 @@ class TiledDenoiser:
         windows = [
             w for w in self.plan.windows if original is None or self.plan.leaves[w.leaves[0]].is_active(level)
         ]
+        gates = self._pixel_gates(level, windows) if original is not None else {}
+        if gates:  # a window none of whose band pixels has started is not evaluated
+            windows = [w for w in windows if gates[id(w)] is not None]
         conds = self._window_conds(windows, cond, rows)
         self.stats["calls"] += 1
         # The blend follows the order of the windows batched by shape; a view shared by
@@ -124,7 +132,10 @@ class TiledDenoiser:
                 denoised = out[j * rows : (j + 1) * rows, :, in_view[0], in_view[1]].float()
                 if original is not None:
                     denoised = denoised - original[region]
-                acc[region] += denoised * weights[(b.h, b.w)]
+                weight = weights[(b.h, b.w)]
+                if gates:  # pixels not started yet keep the original
+                    weight = weight * gates[id(w)][region[2:]]
+                acc[region] += denoised * weight
         acc /= weight_sum
         if original is not None:
             acc += original
@@ -143,6 +154,26 @@ class TiledDenoiser:
         self.stats["model_calls"] += 1
         self.stats["evaluated_pixels"] += sum(w.w * w.h for w in batch)
         return out
+
+    def _pixel_gates(self, level: float, windows: list[Window]) -> dict[int, torch.Tensor | None]:
+        """With pixel strengths: for each window (by id), which latent pixels have started at
+        this noise level for its strength ([H, W], 1 or 0), or None when none of its bands has."""
+        plan = self.plan
+        if plan.pixel_strength is None:
+            return {}
+        gates: dict[int, torch.Tensor | None] = {}
+        for w in windows:
+            strength = plan.window_strength(w)
+            if strength not in self._starts:
+                self._starts[strength] = (
+                    pixel_starts(plan.pixel_strength.double() * strength, plan.job_strength, plan.sigmas)
+                    .float()
+                    .to(self._device)
+                )
+            gate = (level <= self._starts[strength] * (1 + 1e-3)).float()  # the rule of Leaf.is_active
+            started = any(bool(gate[b.y : b.y + b.h, b.x : b.x + b.w].any()) for b in w.bands)
+            gates[id(w)] = gate if started else None
+        return gates
 
     def _window_conds(self, windows: list[Window], cond: dict, rows: int) -> dict[int, dict]:
         """Each window's conditioning (by id): the call's own, or the host's for its prompt

@@ -30,11 +30,13 @@ class Leaf:
     start_sigma: float | None  # the tile is denoised while sigma <= this; None = schedule unknown
     detail: float  # share of detailed pixels (0..1) that decided the split
     prompt: WindowPrompt = WindowPrompt()  # what the tile is told beyond or short of the job's prompt
+    changes: bool = True  # False: the pixel strengths keep every pixel its band reaches
 
     @property
     def state(self) -> tuple:
-        """What tiles sharing a window must agree on."""
-        return self.strength, self.skipped, self.prompt
+        """What tiles sharing a window must agree on (a window over kept pixels only is never
+        evaluated, so it must not be one with a window that is)."""
+        return self.strength, self.skipped, self.prompt, self.changes
 
     def is_active(self, sigma: float) -> bool:
         if self.skipped or self.start_sigma is None:
@@ -66,6 +68,11 @@ class Plan:
     latent_size: tuple[int, int]
     settings: Settings
     notes: list[str] = field(default_factory=list)
+    # Where the picture may change (strength.py): [H, W] in 0..1, a strength map times the
+    # inpaint mask; a pixel's strength is its window's times this. None: 1 everywhere.
+    pixel_strength: torch.Tensor | None = None
+    job_strength: float = 1.0  # the strength the job runs at (a tile of strength 1.0 has it)
+    sigmas: torch.Tensor | None = None  # the sampler's full schedule, once known
 
     def with_sigmas(self, sigmas: torch.Tensor) -> Plan:
         """The same tiles with start sigmas from the sampler's full schedule."""
@@ -74,7 +81,26 @@ class Plan:
             dataclasses.replace(leaf, start_sigma=start_sigma(leaf.strength, sigmas)) for leaf in self.leaves
         ]
         notes = [n for n in self.notes if n != NO_SCHEDULE_NOTE]
-        return dataclasses.replace(self, leaves=leaves, notes=notes)
+        return dataclasses.replace(self, leaves=leaves, notes=notes, sigmas=sigmas)
+
+    prompt: WindowPrompt = WindowPrompt()  # what the tile is told beyond or short of the job's prompt
+    changes: bool = True  # False: the pixel strengths keep every pixel its band reaches
+
+    @property
+    def state(self) -> tuple:
+        """What tiles sharing a window must agree on (a window over kept pixels only is never
+        evaluated, so it must not be one with a window that is)."""
+        return self.strength, self.skipped, self.prompt, self.changes
+
+    def window_strength(self, window: Window) -> float:
+        """The absolute strength of a window's tiles (1.0 stands for the job's own)."""
+        return min(self.leaves[window.leaves[0]].strength, self.job_strength)
+
+    def window_reaches(self, window: Window) -> float:
+        """The largest pixel strength in a window's bands, relative to its tiles' (1 without a map)."""
+        if self.pixel_strength is None:
+            return 1.0
+        return max(float(self.pixel_strength[b.y : b.y + b.h, b.x : b.x + b.w].max()) for b in window.bands)
 
     @property
     def max_strength(self) -> float:
@@ -84,13 +110,20 @@ class Plan:
     @property
     def uses_original(self) -> bool:
         """Whether some tile needs the original latent (skipped or started late)."""
-        return any(leaf.skipped or leaf.strength < 1.0 for leaf in self.leaves)
+        return self.pixel_strength is not None or any(
+            leaf.skipped or leaf.strength < 1.0 for leaf in self.leaves
+        )
 
     def summary(self) -> str:
         sizes = Counter((leaf.w * LATENT_SCALE, leaf.h * LATENT_SCALE) for leaf in self.leaves)
         by_size = ", ".join(f"{n}x {w}x{h}" for (w, h), n in sorted(sizes.items(), reverse=True))
         height, width = self.latent_size
-        skipped = sum(leaf.w * leaf.h for leaf in self.leaves if leaf.skipped) / (width * height)
+        kept = torch.zeros(self.latent_size, dtype=torch.bool)
+        for leaf in self.leaves:
+            kept[leaf.y : leaf.y + leaf.h, leaf.x : leaf.x + leaf.w] = leaf.skipped
+        if self.pixel_strength is not None:
+            kept |= self.pixel_strength <= 0
+        skipped = float(kept.float().mean())
         grid = grid_work(self.latent_size, self.settings)
         windows = f"{len(self.windows)} model window" + "s" * (len(self.windows) != 1)
         return (
@@ -175,6 +208,8 @@ def build_plan(
     sigmas: torch.Tensor | None = None,
     align: int = 1,
     placed: dict[str, torch.Tensor] | None = None,
+    pixel_strength: torch.Tensor | None = None,
+    job_strength: float = 1.0,
 ) -> Plan:
     """The tiling plan of one job.
 
@@ -187,12 +222,23 @@ def build_plan(
         pixels, or the image's own border (2 for models with 2x2 patches: Flux, SD3).
     placed: "Words where they are": phrase -> where its attention lies ([H, W] bool on the
         latent grid, `prompts.placed_masks`); a tile is not told the phrases placed elsewhere.
+    pixel_strength: where the picture may change ([H, W] in 0..1, strength.py: a strength map
+        times the inpaint mask); a pixel's strength is its tile's times this. Tiles whose
+        band reaches no pixel above 0 get windows of their own, which are never evaluated.
+    job_strength: the strength the job runs at (with pixel strengths: a tile of strength 1.0
+        has it, and a pixel at 1 starts with the job).
     """
     height, width = (int(v) for v in latent_size)
     if height <= 0 or width <= 0:
         raise ValueError(f"latent_size: {width}x{height} latent px is empty")
     if sigmas is not None:
         sigmas = _checked_sigmas(sigmas)
+    if pixel_strength is not None:
+        pixel_strength = torch.as_tensor(pixel_strength, dtype=torch.float32).cpu()
+        if tuple(pixel_strength.shape) != (height, width):
+            raise ValueError(
+                f"pixel_strength: {tuple(pixel_strength.shape)} latent px, but the job is {(height, width)}"
+            )
     scale = LATENT_SCALE
     root = build_quadtree(
         detail_grid(image, (height, width)),
@@ -219,7 +265,8 @@ def build_plan(
                 added=tuple(region.prompt for region in regions if region.covers(*centre)),
                 left_out=phrases_left_out(placed, *astuple(r)) if placed else (),
             )
-        leaves.append(Leaf(r.x, r.y, r.w, r.h, strength, strength == 0, start, node.detail, prompt))
+        changes = pixel_strength is None or _reaches(pixel_strength, r, settings.overlap // scale)
+        leaves.append(Leaf(r.x, r.y, r.w, r.h, strength, strength == 0, start, node.detail, prompt, changes))
     notes = []
     if settings.variable_denoise and sigmas is None:
         notes.append(NO_SCHEDULE_NOTE)
@@ -235,7 +282,15 @@ def build_plan(
         height,
         align,
     )
-    return Plan(leaves, windows, (height, width), settings, notes)
+    return Plan(
+        leaves, windows, (height, width), settings, notes, pixel_strength, float(job_strength), sigmas
+    )
+
+
+def _reaches(pixel_strength: torch.Tensor, r: Region, overlap: int) -> bool:
+    """Whether a tile grown by the overlap (as far as any band of it reaches) holds a pixel above 0."""
+    y0, x0 = max(r.y - overlap, 0), max(r.x - overlap, 0)
+    return bool((pixel_strength[y0 : r.y + r.h + overlap, x0 : r.x + r.w + overlap] > 0).any())
 
 
 def _groups(node: Node, index: dict, leaves: list[Leaf], max_side: int) -> list[tuple[Region, tuple]]:
@@ -343,7 +398,8 @@ def estimated_work(plan: Plan, steps: int = 20) -> float:
     """Model work in latent pixels x share of the job's denoiser calls, from the strengths.
 
     A window of strength d runs int(d * steps) + 1 of the job's int(top * steps) + 1 calls
-    (the WebUI img2img rule), for a nominal step count. Windows with the same view and
+    (the WebUI img2img rule), for a nominal step count; with pixel strengths, d is its
+    tiles' strength times the largest pixel strength in its bands. Windows with the same view and
     prompt are evaluated once per call (the denoiser shares the view), so such a view
     counts once, for as many calls as its longest-running window.
     """
@@ -355,9 +411,10 @@ def estimated_work(plan: Plan, steps: int = 20) -> float:
     views: dict[tuple, int] = {}
     for w in plan.windows:
         leaf = plan.leaves[w.leaves[0]]
-        if not leaf.skipped:
+        reach = plan.window_reaches(w)  # a window whose bands are all kept is never evaluated
+        if not leaf.skipped and reach > 0:
             key = (w.x, w.y, w.w, w.h, leaf.prompt)
-            views[key] = max(views.get(key, 0), calls(leaf.strength))
+            views[key] = max(views.get(key, 0), calls(leaf.strength * reach))
     return sum(w * h * n / top for (_, _, w, h, _), n in views.items())
 
 

@@ -44,19 +44,18 @@ class Param:
     label: str
     default: Any
     help: str
-    group: (
-        str  # "tiles", "skip", "variable denoise", "prompts", "upscale" or "vae": how the UI groups controls
-    )
+    group: str  # "tiles", "skip", "variable denoise", "prompts", "where", "upscale" or "vae": how the UI groups controls
     minimum: float | None = None
     maximum: float | None = None
     step: float | None = None
     choices: tuple[str, ...] | None = None
     names: str | None = None  # a text parameter whose choices only the host knows: what they are
     text: Callable[[str], Any] | None = None  # free text (may be empty): checks it, raises SettingsError
+    image: bool = False  # an image (strength.StrengthMap; None = no image); its infotext is a digest
 
     @property
     def kind(self) -> type:
-        return type(self.default)
+        return object if self.image else type(self.default)
 
     @property
     def infotext_key(self) -> str:
@@ -72,6 +71,8 @@ class Param:
             return "true or false"
         if self.text:
             return "text"
+        if self.image:
+            return "a greyscale image as base64 PNG or JPEG, or none"
         text = f"{'an integer' if self.kind is int else 'a number'} from {self.minimum:g} to {self.maximum:g}"
         if self.kind is int and self.step and self.step > 1:
             text += f" in steps of {self.step:g}"
@@ -84,6 +85,10 @@ class Param:
             if not isinstance(value, bool):
                 raise bad
             return value
+        if self.image:
+            from .strength import read_strength_map  # strength.py raises SettingsError, declared here
+
+            return read_strength_map(value)
         if self.text:
             if not isinstance(value, str):
                 raise bad
@@ -112,6 +117,8 @@ class Param:
         the key instead, the API would convert the string with the control's type, and
         bool("False") is True."""
         raw = params.get(self.infotext_key)
+        if self.image:
+            return None  # the infotext holds the image's digest, not the image (see strength_map)
         if raw is None and self.text and any(key.startswith("Quadtree ") for key in params):
             return ""  # a job's empty text is left out of its infotext (see Settings.infotext)
         if raw is None or self.kind is str:
@@ -336,6 +343,17 @@ PARAMETERS: tuple[Param, ...] = (
         "prompts",
         text=lambda value: _check_regions(value),
     ),
+    Param(
+        "strength_map",
+        "Strength map",
+        None,
+        "A greyscale picture painted over the init image: white denoises at full strength, black "
+        "keeps the original exactly and costs nothing, grey is a proportionally lower strength "
+        "that starts later, pixel by pixel. With variable denoise a pixel's strength is its "
+        "tile's times the map. Windows with no white or grey pixel are not evaluated.",
+        "where",
+        image=True,
+    ),
 )
 
 PARAMETERS_BY_NAME = {p.name: p for p in PARAMETERS}
@@ -391,6 +409,7 @@ class Settings:
     vae_tile: int = PARAMETERS_BY_NAME["vae_tile"].default
     window_prompts: str = PARAMETERS_BY_NAME["window_prompts"].default
     regions: str = PARAMETERS_BY_NAME["regions"].default
+    strength_map: Any = PARAMETERS_BY_NAME["strength_map"].default  # strength.StrengthMap or None
 
     def __post_init__(self) -> None:
         for p in PARAMETERS:
@@ -437,12 +456,17 @@ class Settings:
 
     def infotext(self) -> dict[str, Any]:
         """Flat scalar infotext entries (never a dict value: the WebUI cuts those at commas).
-        Empty text (no regions) is left out: the WebUI would drop an empty value anyway."""
-        return {
-            p.infotext_key: getattr(self, p.name)
-            for p in PARAMETERS
-            if not (p.text and getattr(self, p.name) == "")
-        }
+        Empty text (no regions) and no image are left out: the WebUI would drop an empty value
+        anyway. An image is recorded by its digest and size."""
+        entries = {}
+        for p in PARAMETERS:
+            value = getattr(self, p.name)
+            if p.image:
+                if value is not None:  # the image itself cannot go into a text: its digest does
+                    entries[p.infotext_key] = value.infotext
+            elif not (p.text and value == ""):
+                entries[p.infotext_key] = value
+        return entries
 
 
 assert tuple(f.name for f in fields(Settings)) == tuple(PARAMETERS_BY_NAME), (

@@ -40,10 +40,12 @@ ROWS = {
     "skip": (("skip_below", "skip_mode"),),
     "variable denoise": (("variable_denoise",), ("denoise_largest", "denoise_smallest")),
     "prompts": (("window_prompts",), ("regions",)),
+    "where": (("strength_map",),),
     "upscale": (("upscaler", "scale_factor"),),
     "vae": (("tiled_vae",), ("vae_tile_above", "vae_tile")),
 }
 NOTES = {"variable denoise": JOB_STRENGTH}
+IMG2IMG_ONLY = ("where", "upscale")  # groups hidden in txt2img (their values stay in the args)
 
 
 def build_ui(
@@ -85,7 +87,7 @@ def build_ui(
         enabled = PARAMETERS_BY_NAME["enabled"]
         controls["enabled"] = box if accordion is not None else _control(gr, enabled, elem_id(enabled.name))
         for group, rows in ROWS.items():
-            with gr.Group(visible=group != "upscale" or tab == "img2img"):
+            with gr.Group(visible=group not in IMG2IMG_ONLY or tab == "img2img"):
                 for row in rows:
                     with gr.Row():
                         for name in row:
@@ -125,6 +127,8 @@ def _control(gr, p, elem_id: str, upscalers=None):
     if p.names:  # the host's upscalers
         names = list(upscalers or [p.default])
         return gr.Dropdown(names, value=p.default, label=p.label, elem_id=elem_id)
+    if p.image:
+        return gr.Image(label=p.label, type="pil", image_mode="L", height=160, elem_id=elem_id)
     if p.text:
         return gr.Textbox(
             value=p.default, label=p.label, lines=3, placeholder=REGION_EXAMPLE, elem_id=elem_id
