@@ -16,8 +16,8 @@ from tiled_diffusion.strength import read_strength_map
 from tiled_diffusion.ui import NOTES
 
 from . import fake_a1111 as fake
-from .images import png_base64
 from . import fake_webui_infotext as webui_infotext
+from .images import png_base64
 
 README = Path(__file__).parent.parent / "README.md"
 

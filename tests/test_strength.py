@@ -21,8 +21,7 @@ from tiled_diffusion.strength import (
 )
 
 from .images import png_base64
-from .test_core_denoiser import (  # noqa: F401 - image is a fixture
-    image,
+from .test_core_denoiser import (
     SAMPLERS,
     ConvModel,
     H,
@@ -34,9 +33,14 @@ from .test_core_denoiser import (  # noqa: F401 - image is a fixture
     run_sampler,
     window_mask,
 )
-from .test_core_plan import karras
+from .test_core_plan import karras, photo
 
 STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def image():
+    return photo("astronaut", longest=512).resize((W * 8, H * 8))
 
 
 def flat_regions() -> torch.Tensor:
@@ -80,8 +84,12 @@ def test_flat_regions_of_a_map_equal_standalone_img2img_at_their_strength_with_e
         if value == 0:  # black keeps the original (the WebUI would still run its last step at 0)
             expected = original
         else:
-            expected = img2img(k_diffusion, "sample_euler", model, original, noise, sigmas, job_strength * value)
-        torch.testing.assert_close(out[..., region], expected[..., region], atol=1e-4 if value else 1e-6, rtol=0)
+            expected = img2img(
+                k_diffusion, "sample_euler", model, original, noise, sigmas, job_strength * value
+            )
+        torch.testing.assert_close(
+            out[..., region], expected[..., region], atol=1e-4 if value else 1e-6, rtol=0
+        )
         checked += int(region.sum())
     assert checked > 0.6 * H * W
 
@@ -151,7 +159,6 @@ def test_windows_outside_the_mask_make_no_model_call_and_the_result_is_bit_ident
     k_diffusion, image, soft, sampler
 ):
     sigmas = karras(STEPS)
-    plan = make_plan(image, sigmas=sigmas, tile_batch=1)
     nmask = corner_mask(soft)
     masked = mapped_plan(
         image, with_inpaint_mask(None, nmask[None].expand(4, H, W), (H, W)), 0.75, sigmas, tile_batch=1
