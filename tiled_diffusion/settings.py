@@ -44,7 +44,7 @@ class Param:
     label: str
     default: Any
     help: str
-    group: str  # "tiles", "skip", "variable denoise", "prompts", "where", "upscale" or "vae": how the UI groups controls
+    group: str  # "tiles", "skip", "variable denoise", "prompts", "where", "upscale" or "vae": UI groups
     minimum: float | None = None
     maximum: float | None = None
     step: float | None = None
