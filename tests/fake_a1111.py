@@ -79,6 +79,7 @@ class CFGDenoiser(torch.nn.Module):
         super().__init__()
         self.inner_model, self.state, self.timesteps = inner_model, state, timesteps
         self.init_latent = None
+        self.mask = self.nmask = None  # inpainting: kept and repainted share, [C, H, W] (p.mask, p.nmask)
         self.split_calls = False  # prompts of different token lengths: cond and uncond apart
         self.repeats: list[int] | None = None  # AND sub-prompts per image
         self.sdxl = False
@@ -114,6 +115,8 @@ class CFGDenoiser(torch.nn.Module):
         for row, image in enumerate(rows):
             weight = 1 / repeats[image]
             result[image] += (out[row] - denoised_uncond[image]) * cond_scale * weight
+        if self.mask is not None and not self.timesteps:  # the inpaint blend after denoising
+            result = result * self.nmask + self.init_latent * self.mask
         return result
 
 
@@ -154,6 +157,10 @@ class KDiffusionSampler:
         add_noise = self.add_noise_to_latent or (lambda x, noise, sigma: x + noise * sigma)
         xi = add_noise(x, noise, schedule[0])
         self.model_wrap_cfg.init_latent = x
+        self.model_wrap_cfg.mask, self.model_wrap_cfg.nmask = (
+            getattr(p, "mask", None),
+            getattr(p, "nmask", None),
+        )
         self.last_latent = x
         extra = self._args(p, cond, uncond, image_cond)
         return self.launch_sampling(

@@ -121,8 +121,21 @@ class ForgeSampler:
         schedule = self.get_sigmas(p, steps)[steps - t_enc - 1 :]
         unet = p.sd_model.forge_objects.unet
 
+        nmask = getattr(p, "nmask", None)
+
         def model(x, sigma):
-            return cfg_denoise(unet, x, sigma, cond, uncond, p.cfg_scale, self.separate)
+            if nmask is None:
+                return cfg_denoise(unet, x, sigma, cond, uncond, p.cfg_scale, self.separate)
+            # Forge's inpainting: the kept area re-noised from the original before each step,
+            # and the original blended back after it
+            kept = 1 - nmask
+            x = x * nmask + (original + sigma.view(-1, 1, 1, 1) * torch.randn_like(original)) * kept
+            return (
+                cfg_denoise(unet, x, sigma, cond, uncond, p.cfg_scale, self.separate) * nmask
+                + original * kept
+            )
+
+        original = x
 
         return self.k_diffusion.sampling.sample_euler(model, x + noise * schedule[0], schedule, disable=True)
 

@@ -44,10 +44,14 @@ def weight_sum(plan, keep=lambda leaf: True) -> torch.Tensor:
 def kept_share(plan) -> torch.Tensor:
     """Share of the original each latent pixel keeps at the end of the job, [H, W] in 0..1.
 
-    1 inside skipped tiles, 0 where only denoised windows reach, and the blend of the
-    two across the overlap band: exactly the mix the denoiser produced there.
+    1 inside skipped tiles and on pixels of strength 0 (a black strength map, outside an
+    inpaint mask), 0 where only denoised windows reach, and the blend of the two across
+    the overlap band: exactly the mix the denoiser produced there.
     """
-    return weight_sum(plan, lambda leaf: leaf.skipped) / weight_sum(plan)
+    share = weight_sum(plan, lambda leaf: leaf.skipped) / weight_sum(plan)
+    if plan.pixel_strength is not None:
+        share[plan.pixel_strength <= 0] = 1.0
+    return share
 
 
 def paste_kept_pixels(decoded: Image.Image, original: Image.Image, plan) -> Image.Image:

@@ -91,7 +91,7 @@ class SamplerHook:
         if self.denoiser is None:
             original = getattr(self.cfg, "init_latent", None)
             plan = self.plan
-            if original is not None and plan.settings.variable_denoise:
+            if original is not None and (plan.settings.variable_denoise or plan.pixel_strength is not None):
                 if self.schedule.sigmas is None:
                     raise RuntimeError("Quadtree Tiled Diffusion: the sampler's schedule was not seen")
                 plan = plan.with_sigmas(self.schedule.sigmas)

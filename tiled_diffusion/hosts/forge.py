@@ -179,7 +179,9 @@ class UnetWrapper:
 
     def _timed_plan(self) -> Plan:
         """The plan with start sigmas from the sampler's schedule, where variable denoise needs them."""
-        if self.original is None or not self.plan.settings.variable_denoise:
+        if self.original is None or not (
+            self.plan.settings.variable_denoise or self.plan.pixel_strength is not None
+        ):
             return self.plan
         if self.schedule is None or self.schedule.sigmas is None:
             self._note(NO_SCHEDULE_NOTE)
@@ -189,6 +191,10 @@ class UnetWrapper:
                     dataclasses.replace(leaf, start_sigma=math.inf if not leaf.skipped else 0.0)
                     for leaf in self.plan.leaves
                 ],
+                # grey pixels cannot be timed either: they start with the job, black ones never do
+                pixel_strength=None
+                if self.plan.pixel_strength is None
+                else (self.plan.pixel_strength > 0).float(),
             )
         return self.plan.with_sigmas(self.schedule.sigmas)
 

@@ -20,7 +20,7 @@ from ..plan import Plan, build_plan
 from ..quadtree import LATENT_SCALE, latent_as_image
 from ..settings import TITLE, WINDOW_PROMPTS, Settings, SettingsError
 from ..vae import should_tile
-from . import a1111, controlnet, families, forge, vae_a1111, words
+from . import a1111, controlnet, families, forge, vae_a1111, where, words
 from .prompts import WindowConds
 
 WORDS = WINDOW_PROMPTS[1]  # "Words where they are"
@@ -59,6 +59,10 @@ class Job(_HookedJob):
         self.planned: tuple | None = None  # (picture, settings) the plan was built from
         self.placed_for: tuple | None = None  # the pass whose words were placed
         self.placed: dict[str, torch.Tensor] = {}  # and where (prompts.placed_masks)
+        # Where the picture may change (hosts/where.py): strength per latent pixel, and the
+        # strength the job runs at; known once the WebUI has prepared the mask.
+        self.pixel_strength: torch.Tensor | None = None
+        self.job_strength = 1.0
         p.extra_generation_params.update(settings.infotext())
         if self.img2img:
             # The plan comes from the init image as the job resizes it; known already here,
@@ -66,7 +70,7 @@ class Job(_HookedJob):
             images = [_resized_init_image(p, image) for image in p.init_images]
             size = (p.height // LATENT_SCALE, p.width // LATENT_SCALE)
             self._build(images[0], settings, size)
-            if settings.skip_mode == "Keep pixels" and any(leaf.skipped for leaf in self.plan.leaves):
+            if settings.skip_mode == "Keep pixels" and _keeps(self.plan):
                 self.pasting = images
         if settings.variable_denoise:
             strength = (
@@ -78,13 +82,38 @@ class Job(_HookedJob):
 
     def _build(self, picture, settings: Settings, latent_size: tuple, placed: dict | None = None) -> None:
         self.planned = picture, settings
-        self.plan = build_plan(picture, settings, latent_size, align=self.family.align, placed=placed)
+        self.plan = build_plan(
+            picture,
+            settings,
+            latent_size,
+            align=self.family.align,
+            placed=placed,
+            pixel_strength=self.pixel_strength,
+            job_strength=self.job_strength,
+        )
+
+    def _find_where(self, p: Any, latent_size: tuple) -> None:
+        """img2img: plan again for the inpaint mask and the strength map, and over the crop
+        of an "Only masked" job, now that the WebUI has prepared them."""
+        crop = where.only_masked_crop(p)
+        self.pixel_strength = where.pixel_strength(p, self.settings, latent_size)
+        self.job_strength = float(getattr(p, "denoising_strength", None) or 1.0)
+        if crop is None and self.pixel_strength is None:
+            return
+        if crop:
+            pictures = [where.cropped(p, image, crop) for image in p.init_images]
+        else:
+            pictures = [_resized_init_image(p, image) for image in p.init_images]
+        self._build(pictures[0], self.settings, latent_size)
+        self.pasting = pictures if self.settings.skip_mode == "Keep pixels" and _keeps(self.plan) else []
 
     def before_sampling(self, p: Any, x: torch.Tensor) -> None:
         """Install the tiled denoiser for the sampling pass about to start (`x`: its latent)."""
         latent_size = tuple(x.shape[-2:])
         hires = bool(getattr(p, "is_hr_pass", False))
         has_original = self.img2img or hires
+        if self.img2img and self.plan is not None and self.plan.latent_size == latent_size:
+            self._find_where(p, latent_size)
         if self.plan is None or self.plan.latent_size != latent_size or hires:
             # txt2img: the hires pass starts from the upscaled first pass. A first pass has no
             # picture yet: an even grid of the largest tiles, all denoised from the start.
@@ -341,6 +370,12 @@ def upscale_init_images(p: Any, settings: Settings) -> Callable[[], None]:
         p.width, p.height, p.init_images = saved
 
     return undo
+
+
+def _keeps(plan: Plan) -> bool:
+    """Whether the plan keeps the original somewhere (skipped tiles, pixels of strength 0)."""
+    kept_pixels = plan.pixel_strength is not None and bool((plan.pixel_strength == 0).any())
+    return kept_pixels or any(leaf.skipped for leaf in plan.leaves)
 
 
 def _is_forge(p: Any) -> bool:
