@@ -22,7 +22,8 @@
         "vae_tile_above": "Tile the VAE when width x height is above this size squared, in pixels (1536: an SD VAE decode above 1536x1536 needs more than about 4.5 GB in half precision).",
         "vae_tile": "Side of a tile of the tiled VAE in pixels (A1111): smaller uses less VRAM, larger gives the VAE's attention more of the picture.",
         "window_prompts": "What each window is told. 'Whole prompt': every window gets the job's prompt. 'Words where they are': the prompt's comma-separated phrases are placed by the model's own cross-attention over the init image (one model call at the model's size before sampling); a window gets the phrases whose attention lies over it, and phrases that attend to the whole picture (style words) stay in every window, so tiles do not invent the prompt's objects where they are not.",
-        "regions": "One region per line, 'x0 y0 x1 y1: prompt', in fractions of the image ('0 0 0.5 1: a red barn' is the left half). A tile gets the job's prompt plus the prompt of each region that covers the tile's centre (added to every AND part); tiles with different prompts never share a window. Empty: no regions."
+        "regions": "One region per line, 'x0 y0 x1 y1: prompt', in fractions of the image ('0 0 0.5 1: a red barn' is the left half). A tile gets the job's prompt plus the prompt of each region that covers the tile's centre (added to every AND part); tiles with different prompts never share a window. Empty: no regions.",
+        "strength_map": "A greyscale picture painted over the init image: white denoises at full strength, black keeps the original exactly and costs nothing, grey is a proportionally lower strength that starts later, pixel by pixel. With variable denoise a pixel's strength is its tile's times the map. Windows with no white or grey pixel are not evaluated."
     };
 
     function addTooltips() {

@@ -66,6 +66,7 @@ class Script(scripts.Script):
             gr.HTML(f"<pre>{TITLE} could not load:\n{IMPORT_ERROR}</pre>")
             return []
         tab = "img2img" if is_img2img else "txt2img"
+        notes_pasted = []
         try:
             components = build_ui(
                 gr,
@@ -79,6 +80,7 @@ class Script(scripts.Script):
                 upscalers=webui.upscaler_names(),
                 prompt=self.sources.get(f"{tab}_prompt"),
                 place_words=words.preview,
+                notes_pasted=notes_pasted,
             )
         except Exception:  # noqa: BLE001 - with --api, a script's ui() that raises stops the WebUI
             error = traceback.format_exc()
@@ -88,7 +90,7 @@ class Script(scripts.Script):
         # PNG Info, "Send to" and the API's `infotext` field restore every setting. A function
         # reads each value (the WebUI calls it on paste and in the API): given the key, the API
         # would convert the string with the control's type, and bool("False") is True.
-        self.infotext_fields = [(c, p.read_infotext) for c, p in zip(components, PARAMETERS)]
+        self.infotext_fields = [(c, p.read_infotext) for c, p in zip(components, PARAMETERS)] + notes_pasted
         self.paste_field_names = [p.read_infotext for p in PARAMETERS]  # "Send to" matches these by ==
         return components
 

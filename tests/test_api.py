@@ -6,9 +6,12 @@ import asyncio
 import json
 
 import pytest
+from PIL import Image
 
 import tiled_diffusion as td
 from tiled_diffusion.hosts.api import ArgsValidator, add_validator, payload_error
+
+from .images import png_base64
 
 TITLE = "Quadtree Tiled Diffusion"
 MB = 1 << 20
@@ -69,6 +72,11 @@ def request(args, name=TITLE):
         ([{"enabled": True, "regions": "0 0 1 1: a barn\n0 0 2 1: a field"}], "regions: line 2"),
         ([{"enabled": True, "regions": ["0 0 1 1: a barn"]}], "regions"),
         ([{"enabled": True, "window_prompts": "Words"}], "window_prompts"),
+        (
+            [{"enabled": True, "strength_map": "not a picture"}],
+            "strength_map: 'not a picture' is not an image",
+        ),
+        ([{"enabled": True, "strength_map": "data:image/png;base64,"}], "strength_map"),
         ([True] * (len(td.PARAMETERS) + 1), f"{len(td.PARAMETERS) + 1} values given"),
         ("true", "args: expected a list"),
         ({"enabled": True}, "args: expected a list"),
@@ -170,3 +178,23 @@ def test_validator_can_be_added_to_an_app_that_already_serves():
 
 def test_default_args_list_is_valid():
     assert payload_error(json.dumps(request(td.Settings().as_args())).encode(), TITLE) is None
+
+
+def test_an_infotext_rerun_of_a_job_with_a_strength_map_needs_the_map_again():
+    picture = Image.linear_gradient("L").resize((32, 32))
+    used = td.Settings(enabled=True, strength_map=picture)
+    infotext = "a cat\nSteps: 20, " + ", ".join(f"{k}: {v}" for k, v in used.infotext().items())
+    app = ArgsValidator(Downstream(), TITLE)
+    status, body = post(app, "/sdapi/v1/img2img", {"prompt": "", "infotext": infotext})
+    assert status == 422
+    detail = json.loads(body)["detail"]
+    assert (
+        f"strength_map: the infotext's job used the strength map {used.strength_map.digest} (32x32 px)"
+        in detail
+    )
+    again = {"infotext": infotext, **request([{"enabled": True, "strength_map": png_base64(picture)}])}
+    assert post(app, "/sdapi/v1/img2img", again)[0] == 200
+    plain = "a cat\nSteps: 20, " + ", ".join(
+        f"{k}: {v}" for k, v in td.Settings(enabled=True).infotext().items()
+    )
+    assert post(app, "/sdapi/v1/img2img", {"infotext": plain})[0] == 200

@@ -13,7 +13,7 @@ from PIL import Image
 import tiled_diffusion as td
 from tiled_diffusion.settings import JOB_STRENGTH, PARAMETERS, PARAMETERS_BY_NAME
 from tiled_diffusion.strength import read_strength_map
-from tiled_diffusion.ui import NOTES
+from tiled_diffusion.ui import NOTES, pasted_map_note
 
 from . import fake_a1111 as fake
 from . import fake_webui_infotext as webui_infotext
@@ -228,3 +228,16 @@ def repr_default(value) -> str:
     if value is None:
         return "none"
     return f"{value:g}"
+
+
+def test_pasting_a_job_with_a_strength_map_says_to_load_the_map_and_keeps_the_loaded_one(scripts):
+    script, controls = scripts["img2img"]
+    used = dataclasses.replace(JOB, strength_map=Image.linear_gradient("L").resize((64, 48)))
+    infotext = webui_infotext.write("a photo", "", {"Steps": 20, **used.infotext()})
+    pasted = webui_infotext.paste(infotext, script.infotext_fields)
+    note = next(component for component, reader in script.infotext_fields if reader is pasted_map_note)
+    assert f"strength map **{used.strength_map.digest} (64x48 px)**: load the same picture" in pasted[note]
+    map_control = controls[list(PARAMETERS_BY_NAME).index("strength_map")]
+    assert pasted.get(map_control) is None, "a loaded map is left as it is"
+    plain = webui_infotext.write("a photo", "", {"Steps": 20, **JOB.infotext()})
+    assert webui_infotext.paste(plain, script.infotext_fields)[note] == ""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tiled_diffusion.preview import DEFAULT_IMAGE, load_image
 from tiled_diffusion.settings import PARAMETERS, PARAMETERS_BY_NAME
@@ -304,7 +305,7 @@ def test_accordion_opens_and_closes_and_enabled_toggles(page):
 def test_sliders_carry_the_range_step_and_default_of_their_parameter(page):
     open_accordion(page)
     for p in PARAMETERS:
-        if p.choices or p.names or p.text or p.kind is bool:
+        if p.choices or p.names or p.text or p.image or p.kind is bool:
             continue
         for kind in ("number", "range"):
             field = page.locator(f"#quadtree-td-img2img-{p.name} input[type={kind}]")
@@ -414,3 +415,18 @@ def test_controls_start_at_their_declared_default_and_type(stack):
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
     run = subprocess.run([str(python), "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
     assert run.stdout.splitlines() == [repr(p.default) for p in PARAMETERS], run.stderr[-3000:]
+
+
+def test_preview_hatches_what_a_strength_map_keeps(page, tmp_path):
+    upload_init_image(page)
+    open_accordion(page)
+    with Image.open(DEFAULT_IMAGE) as init:
+        size = init.size
+    painted = Image.new("L", size, 255)
+    painted.paste(0, (0, 0, size[0] // 2, size[1]))  # keep the left half
+    path = tmp_path / "map.png"
+    painted.save(path)
+    page.locator("#quadtree-td-img2img-strength_map input[type=file]").set_input_files(str(path))
+    page.locator("#quadtree-td-img2img-strength_map img").first.wait_for(state="visible")
+    text = click_preview(page)
+    assert "skipped 50% of the area" in text and "error" not in text.lower(), text

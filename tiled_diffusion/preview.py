@@ -91,6 +91,15 @@ def draw_plan(image, plan: Plan, show_detail: bool = False) -> Image.Image:
         if told and not leaf.skipped:  # the placed phrases this tile is told
             draw.text((box[0] + 6, box[3] - line - 4), "+" + ", +".join(told), font=font, fill="white",
                       stroke_width=2, stroke_fill="black")  # fmt: skip
+    if plan.pixel_strength is not None:  # pixels the strength map or the inpaint mask keeps
+        kept = plan.pixel_strength <= 0
+        if kept.any():
+            mask = Image.fromarray(np.uint8(kept.numpy()) * 255).resize(
+                (width, height), Image.Resampling.NEAREST
+            )
+            hatch = Image.new("RGBA", (width, height))
+            hatch.paste(_hatch(width, height), mask=mask)
+            overlay.alpha_composite(hatch)
     regions = parse_regions(plan.settings.regions)
     for region in regions:
         box = (region.x0 * width, region.y0 * height, region.x1 * width - 1, region.y1 * height - 1)
@@ -100,7 +109,9 @@ def draw_plan(image, plan: Plan, show_detail: bool = False) -> Image.Image:
     picture = Image.alpha_composite(picture.convert("RGBA"), overlay).convert("RGB")
     key = "Yellow: fine detail, which decides where tiles split. " if show_detail else ""
     key += "Tile colour and number: denoise strength (blue 0, teal, gold, red 1). " if variable else ""
-    key += "Hatched: skipped, the original is kept. " if any(leaf.skipped for leaf in plan.leaves) else ""
+    kept_pixels = plan.pixel_strength is not None and bool((plan.pixel_strength <= 0).any())
+    kept = kept_pixels or any(leaf.skipped for leaf in plan.leaves)
+    key += "Hatched: skipped, the original is kept. " if kept else ""
     key += "Magenta: regions; a tile gets the prompt of each region holding its centre. " if regions else ""
     if placed:
         key += (

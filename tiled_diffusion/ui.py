@@ -23,6 +23,7 @@ from .settings import (
     Settings,
     SettingsError,
 )
+from .strength import fit_to_job, on_latent_grid
 
 ELEM_ID = "quadtree-td"  # + the tab: the WebUI builds the script once per tab on one page
 TABS = ("txt2img", "img2img")
@@ -59,6 +60,7 @@ def build_ui(
     upscalers=None,
     prompt=None,
     place_words=None,
+    notes_pasted: list | None = None,
 ) -> list:
     """Build the controls inside the current gradio Blocks; return them in PARAMETERS order.
 
@@ -72,6 +74,9 @@ def build_ui(
         img2img's, so its controls are hidden in txt2img (they stay in the args list).
     prompt, place_words: the tab's prompt box and the host's phrase placement (hosts/words.py
         `preview`), so that Preview tiles shows where "Words where they are" puts each phrase.
+    notes_pasted: receives (component, reader) pairs for the WebUI's infotext fields that are
+        not script args: the note that a pasted job used a strength map, which an infotext
+        cannot carry (only its digest).
     """
     controls = {}
     prefix = f"{ELEM_ID}-{tab}"
@@ -94,6 +99,10 @@ def build_ui(
                             controls[name] = _control(gr, PARAMETERS_BY_NAME[name], elem_id(name), upscalers)
             if group in NOTES:
                 gr.Markdown(NOTES[group], elem_id=elem_id(group.replace(" ", "_") + "-note"))
+            if group == "where":
+                pasted = gr.Markdown(value="", elem_id=elem_id("strength_map-pasted"))
+                if notes_pasted is not None:
+                    notes_pasted.append((pasted, pasted_map_note))
         with gr.Row():
             button = gr.Button("Preview tiles", elem_id=elem_id("preview"))
             # A view option, not a setting: it changes the preview, never the job.
@@ -120,6 +129,18 @@ def build_ui(
     inputs = [show_detail] + [extras[key] for key in given] + components
     button.click(on_preview, inputs=inputs, outputs=[picture, summary])
     return components
+
+
+def pasted_map_note(params: dict) -> str:
+    """What pasting a job's infotext says about its strength map (an infotext holds only the
+    map's digest, so the picture must be loaded again to repeat the job)."""
+    used = params.get(PARAMETERS_BY_NAME["strength_map"].infotext_key)
+    if not used:
+        return ""
+    return (
+        f"The pasted job used the strength map **{used}**: load the same picture above to repeat it "
+        "(an infotext holds only the map's digest; the job records the digest of the map it gets)."
+    )
 
 
 def _control(gr, p, elem_id: str, upscalers=None):
@@ -166,6 +187,7 @@ def preview_tiles(
         return None, _escape(f"Settings error: {error}")
     except ValueError as error:  # an image the plan cannot read: empty, NaN, an odd shape
         return None, _escape(f"Image error: {error}")
+    source_size = image.size  # the strength map is painted over the init image
     if settings.upscaler != "None":  # the job runs at the upscaled size (Lanczos stands in here)
         width, height = (own * settings.scale_factor for own in image.size)
     width, height = (_job_side(side or own) for side, own in ((width, image.width), (height, image.height)))
@@ -184,7 +206,14 @@ def preview_tiles(
                     f"Words where they are: could not place the phrases ({type(error).__name__}: {error})"
                 ]
             lines = [f"Words where they are: {line}" for line in lines]
-    plan = build_plan(image, settings, latent_size, sigmas, placed=placed)
+    strengths = None
+    if settings.strength_map is not None:
+        try:
+            fitted = fit_to_job(settings.strength_map, source_size, (width, height))
+        except SettingsError as error:
+            return None, _escape(f"Settings error: {error}")
+        strengths = on_latent_grid(fitted, latent_size)
+    plan = build_plan(image, settings, latent_size, sigmas, placed=placed, pixel_strength=strengths)
     plan.notes.extend(lines)
     return draw_plan(image, plan, show_detail), _escape(" ".join([plan.summary(), *lines]))
 

@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from ..settings import Settings, SettingsError, brief_repr
+from ..settings import PARAMETERS_BY_NAME, Settings, SettingsError, brief_repr
 
 GENERATION_PATHS = ("/sdapi/v1/img2img", "/sdapi/v1/txt2img")
 
@@ -24,19 +24,36 @@ def payload_error(body: bytes, title: str, upscalers: Callable[[], list[str]] | 
         payload = json.loads(body or b"null")
     except ValueError:
         return None  # not JSON: the WebUI's own validation answers
-    scripts = payload.get("alwayson_scripts") if isinstance(payload, dict) else None
-    if not isinstance(scripts, dict):
+    if not isinstance(payload, dict):
         return None
-    for name, entry in scripts.items():
+    scripts = payload.get("alwayson_scripts")
+    settings = None
+    for name, entry in (scripts if isinstance(scripts, dict) else {}).items():
         if name.lower() != title.lower():
             continue
         if not isinstance(entry, dict) or "args" not in entry:
             return f'{title}: expected {{"args": [...]}}, got {brief_repr(entry)}'
         try:
-            Settings.from_args(entry["args"]).check_upscaler(upscalers() if upscalers else None)
+            settings = Settings.from_args(entry["args"]).check_upscaler(upscalers() if upscalers else None)
         except SettingsError as error:
             return f"{title}: {error}"
-    return None
+    return missing_map(payload.get("infotext"), settings, title)
+
+
+def missing_map(infotext: Any, settings: Settings | None, title: str) -> str | None:
+    """A re-run from an infotext whose job used a strength map, without the map: the
+    infotext holds only the map's digest, so the job cannot be repeated without it."""
+    key = PARAMETERS_BY_NAME["strength_map"].infotext_key
+    if not isinstance(infotext, str) or f"{key}: " not in infotext:
+        return None
+    if settings is not None and settings.strength_map is not None:
+        return None
+    used = infotext.split(f"{key}: ", 1)[1].split(",")[0].strip()
+    return (
+        f"{title}: strength_map: the infotext's job used the strength map {used}, and an infotext "
+        "holds only its digest; send the same picture as base64 PNG in the named argument strength_map "
+        f'(alwayson_scripts: {{"{title.lower()}": {{"args": [{{"enabled": true, "strength_map": "..."}}]}}}})'
+    )
 
 
 class ArgsValidator:
