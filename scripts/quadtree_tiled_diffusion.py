@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import traceback
@@ -12,7 +13,7 @@ from modules import script_callbacks, scripts
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 try:  # a broken install must never stop the WebUI from starting
-    from tiled_diffusion.hosts import api, webui, words, xyz
+    from tiled_diffusion.hosts import api, webui, where, words, xyz
     from tiled_diffusion.settings import PARAMETERS
     from tiled_diffusion.ui import build_ui
 
@@ -28,6 +29,33 @@ except ImportError:  # WebUIs before 1.7: a plain accordion with a checkbox
 
 TITLE = "Quadtree Tiled Diffusion"  # = settings.TITLE; spelled here too so a failed import still shows it
 
+# The img2img tab's inpaint components Preview tiles reads (hosts/where.py inpaint_preview),
+# by the WebUIs' elem_ids (Forge's canvases by their block's elem_id and layer), and the
+# names inpaint_preview knows them by.
+INPAINT_NAMES = {
+    "img2img_selected_tab": "tab",
+    "img2maskimg": "inpaint",
+    "img2maskimg_background": "inpaint_background",
+    "img2maskimg_foreground": "inpaint_foreground",
+    "inpaint_sketch": "sketch",
+    "inpaint_sketch_background": "sketch_background",
+    "inpaint_sketch_foreground": "sketch_foreground",
+    "img_inpaint_base": "upload_image",
+    "img_inpaint_mask": "upload_mask",
+    "img2img_mask_blur": "mask_blur",
+    "img2img_mask_mode": "mask_mode",
+    "img2img_inpaint_full_res": "inpaint_area",
+}
+INPAINT_SOURCES = (
+    "img2maskimg",
+    "inpaint_sketch",
+    "img_inpaint_base",
+    "img_inpaint_mask",
+    "img2img_mask_blur",
+    "img2img_mask_mode",
+    "img2img_inpaint_full_res",
+)
+
 
 class Script(scripts.Script):
     def __init__(self):
@@ -35,6 +63,7 @@ class Script(scripts.Script):
         self.job = None
         self.preparation = None
         self.sources = {}  # the init image and size controls of this tab, for Preview tiles
+        self.canvas = None  # Forge: the elem_id of the ForgeCanvas being built
         for elem_id in (
             "img2img_image",
             "img2img_width",
@@ -43,17 +72,26 @@ class Script(scripts.Script):
             "txt2img_width",
             "txt2img_height",
             "txt2img_prompt",
+            *INPAINT_SOURCES,
         ):
             self.on_after_component(
                 lambda on, elem_id=elem_id: self.sources.update({elem_id: on.component}), elem_id=elem_id
             )
 
     def after_component(self, component, **kwargs):
-        # Forge's img2img image is a ForgeCanvas: "img2img_image" names its HTML block, and the
-        # picture lives in the canvas's background Image (the first one made: the img2img tab's).
+        # Forge's images are ForgeCanvases: the elem_id names the canvas's HTML block, made first,
+        # and the picture and the painted layer live in the two Images made after it.
+        elem_id = kwargs.get("elem_id")
+        if elem_id in ("img2img_image", "img2maskimg", "inpaint_sketch"):
+            self.canvas = elem_id
         classes = kwargs.get("elem_classes") or []
-        if "logical_image_background" in classes and "forge_init_image" not in self.sources:
-            self.sources["forge_init_image"] = component
+        for layer in ("background", "foreground"):
+            if f"logical_image_{layer}" in classes and self.canvas:
+                self.sources.setdefault(f"{self.canvas}_{layer}", component)
+        # The img2img tabs' hidden index (no elem_id): the first hidden Number after the prompt.
+        hidden_number = type(component).__name__ == "Number" and kwargs.get("visible") is False
+        if hidden_number and "img2img_prompt" in self.sources and "img2img_selected_tab" not in self.sources:
+            self.sources["img2img_selected_tab"] = component
 
     def title(self):
         return TITLE
@@ -67,12 +105,16 @@ class Script(scripts.Script):
             return []
         tab = "img2img" if is_img2img else "txt2img"
         notes_pasted = []
+        # The inpaint tabs' components this host has; without the tab index, no inpaint preview.
+        inpaint = [key for key in INPAINT_NAMES if key in self.sources]
+        if "img2img_selected_tab" not in inpaint:
+            inpaint = []
         try:
             components = build_ui(
                 gr,
                 tab=tab,
                 accordion=InputAccordion,
-                init_image=self.sources.get("forge_init_image", self.sources.get("img2img_image"))
+                init_image=self.sources.get("img2img_image_background", self.sources.get("img2img_image"))
                 if is_img2img
                 else None,
                 width=self.sources.get(f"{tab}_width"),
@@ -81,6 +123,10 @@ class Script(scripts.Script):
                 prompt=self.sources.get(f"{tab}_prompt"),
                 place_words=words.preview,
                 notes_pasted=notes_pasted,
+                inpaint_inputs=[self.sources[key] for key in inpaint] if is_img2img else None,
+                read_inpaint=functools.partial(
+                    where.inpaint_preview, [INPAINT_NAMES[key] for key in inpaint]
+                ),
             )
         except Exception:  # noqa: BLE001 - with --api, a script's ui() that raises stops the WebUI
             error = traceback.format_exc()

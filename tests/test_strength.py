@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 import tiled_diffusion as td
+from tiled_diffusion.hosts.where import inpaint_preview
 from tiled_diffusion.plan import estimated_work, start_sigma
 from tiled_diffusion.strength import (
     StrengthMap,
@@ -17,8 +19,10 @@ from tiled_diffusion.strength import (
     on_latent_grid,
     pixel_starts,
     read_strength_map,
+    repainted_share,
     with_inpaint_mask,
 )
+from tiled_diffusion.ui import preview_tiles
 
 from .images import png_base64
 from .test_core_denoiser import (
@@ -306,3 +310,49 @@ def test_the_inpaint_mask_zeroes_kept_pixels_and_must_fit_the_job():
     assert torch.equal(combined == 0, mask == 0) and combined.max() == 0.5
     with pytest.raises(ValueError, match="inpaint mask: 32x16 latent px"):
         with_inpaint_mask(None, torch.ones(4, 16, 32), (H, W))
+
+
+# What Preview tiles shows of an inpaint tab.
+
+
+def painted_corner(size=(512, 384)) -> Image.Image:
+    """A painted layer: opaque white over the top-left 128 px square, transparent elsewhere."""
+    layer = Image.new("RGBA", size, (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 255), (0, 0, 128, 128))
+    return layer
+
+
+@pytest.mark.parametrize("host", ["a1111", "forge", "upload"])
+def test_the_preview_hatches_what_the_inpaint_mask_keeps(image, host):
+    if host == "a1111":  # gradio 3's sketch editor: the picture and a mask painted white
+        names, values = ["tab", "inpaint"], [2, {"image": image, "mask": painted_corner()}]
+    elif host == "forge":  # Forge's canvas: the picture and the painted layer
+        names, values = ["tab", "inpaint_background", "inpaint_foreground"], [2, image, painted_corner()]
+    else:
+        mask = Image.new("L", image.size, 0)
+        mask.paste(255, (0, 0, 128, 128))
+        names, values = ["tab", "upload_image", "upload_mask"], [4, image, mask]
+    inpaint = inpaint_preview(names + ["mask_blur"], *values, 4)
+    assert inpaint["image"] is image and inpaint["blur"] == 4
+    settings = td.Settings(min_tile=64, max_tile=256)
+    picture, text = preview_tiles(None, 512, 384, *settings.as_args(), inpaint=inpaint)
+    plain, plain_text = preview_tiles(image, 512, 384, *settings.as_args())
+    kept = re.search(r"skipped (\d+)% of the area", text)
+    assert kept and 85 <= int(kept.group(1)) <= 95, text  # all but the corner and its blur
+    work = re.search(r"estimated model work (\d+)%", text).group(1)
+    assert int(work) < 0.5 * int(re.search(r"estimated model work (\d+)%", plain_text).group(1))
+    far = (slice(200, 380), slice(200, 500))  # far from the mask: hatched
+    near = (slice(8, 56), slice(8, 56))  # inside it: drawn as without a mask
+    difference = np.abs(
+        np.asarray(picture, dtype=int)[:384] - np.asarray(plain, dtype=int)[:384]
+    )  # legends differ
+    assert difference[far].mean() > 10 and difference[near].mean() < 1
+
+
+def test_the_preview_reads_no_inpaint_mask_on_other_tabs_and_inverts_on_request(image):
+    assert inpaint_preview(["tab", "inpaint"], 0, {"image": image, "mask": painted_corner()}) is None
+    inverted = inpaint_preview(
+        ["tab", "inpaint", "mask_mode"], 2, {"image": image, "mask": painted_corner()}, 1
+    )
+    share = repainted_share(inverted["mask"], (64, 48), 0, inverted["invert"])
+    assert share[0, 0] == 0 and share[-1, -1] == 1

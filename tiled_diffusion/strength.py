@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from .quadtree import LATENT_SCALE
 from .settings import SettingsError, brief_repr
@@ -231,3 +231,20 @@ def pixel_starts(strengths: torch.Tensor, job_strength: float, sigmas: torch.Ten
         t_enc = (s[between].clamp(max=0.999) * steps).floor().long()
         starts[between] = torch.as_tensor(sigmas, dtype=torch.float64)[steps - t_enc - 1]
     return starts
+
+
+def repainted_share(mask: Image.Image, size: tuple[int, int], blur: int = 0, invert=False) -> np.ndarray:
+    """An inpaint mask as the WebUI prepares it, for the preview ([height, width] in 0..1 at
+    `size` = (width, height)): painted (white or opaque) pixels above half become the
+    repainted area, "Inpaint not masked" inverts it, and `Mask blur` softens its edge (a
+    Gaussian of that standard deviation in px). The job itself reads the WebUI's own mask."""
+    if mask.mode in ("RGBA", "LA") and mask.getextrema()[-1] != (255, 255):
+        grey = mask.getchannel("A")  # a painted layer: its opacity is the mask
+    else:
+        grey = mask.convert("L")
+    binary = grey.point(lambda v: 255 if v > 128 else 0)
+    if invert:
+        binary = ImageOps.invert(binary)
+    if blur > 0:
+        binary = binary.filter(ImageFilter.GaussianBlur(blur))
+    return np.asarray(binary.resize(size, Image.Resampling.BILINEAR), dtype=np.float32) / 255

@@ -23,7 +23,7 @@ from .settings import (
     Settings,
     SettingsError,
 )
-from .strength import fit_to_job, on_latent_grid
+from .strength import fit_to_job, on_latent_grid, repainted_share, with_inpaint_mask
 
 ELEM_ID = "quadtree-td"  # + the tab: the WebUI builds the script once per tab on one page
 TABS = ("txt2img", "img2img")
@@ -61,6 +61,8 @@ def build_ui(
     prompt=None,
     place_words=None,
     notes_pasted: list | None = None,
+    inpaint_inputs: list | None = None,
+    read_inpaint=None,
 ) -> list:
     """Build the controls inside the current gradio Blocks; return them in PARAMETERS order.
 
@@ -74,6 +76,9 @@ def build_ui(
         img2img's, so its controls are hidden in txt2img (they stay in the args list).
     prompt, place_words: the tab's prompt box and the host's phrase placement (hosts/words.py
         `preview`), so that Preview tiles shows where "Words where they are" puts each phrase.
+    inpaint_inputs, read_inpaint: the host's inpaint components (selected tab, editors, mask
+        options) and read_inpaint(*their values) -> `preview_tiles`'s inpaint dict, or None
+        when no inpaint tab is open (hosts/where.py `inpaint_preview`).
     notes_pasted: receives (component, reader) pairs for the WebUI's infotext fields that are
         not script args: the note that a pasted job used a strength map, which an infotext
         cannot carry (only its digest).
@@ -113,20 +118,25 @@ def build_ui(
     extras = {"image": init_image, "width": width, "height": height, "prompt": prompt}
     given = [key for key, component in extras.items() if component is not None]
 
+    inpaint_inputs = list(inpaint_inputs or []) if read_inpaint else []
+
     def on_preview(detail, *args):
         known = dict(zip(given, args))
         image, width, height, text = (known.get(key) for key in extras)
+        args = args[len(given) :]
+        inpaint = read_inpaint(*args[: len(inpaint_inputs)]) if inpaint_inputs else None
         return preview_tiles(
             image,
             width,
             height,
-            *args[len(given) :],
+            *args[len(inpaint_inputs) :],
             show_detail=detail,
             prompt=text,
             place_words=place_words,
+            inpaint=inpaint,
         )
 
-    inputs = [show_detail] + [extras[key] for key in given] + components
+    inputs = [show_detail] + [extras[key] for key in given] + inpaint_inputs + components
     button.click(on_preview, inputs=inputs, outputs=[picture, summary])
     return components
 
@@ -169,7 +179,7 @@ def _control(gr, p, elem_id: str, upscalers=None):
 
 
 def preview_tiles(
-    image, width, height, *values, show_detail=False, prompt=None, place_words=None
+    image, width, height, *values, show_detail=False, prompt=None, place_words=None, inpaint=None
 ) -> tuple[Image.Image | None, str]:
     """The plan drawn over the image (or its detail map) at the job's size, and its summary.
 
@@ -177,7 +187,14 @@ def preview_tiles(
     settings error come back as a message, never as an exception. With "Words where they
     are", place_words(image, latent_size, prompt) -> (placed, lines) places the prompt's
     phrases with the host's model (None outside a WebUI: the plan is shown without them).
+    inpaint: the inpaint tab's picture and mask when that tab is open, {"image", "mask",
+    "blur", "invert", "only_masked"}; the tiles the mask keeps are hatched.
     """
+    lines = []
+    if inpaint is not None:
+        image = inpaint["image"]
+        if inpaint.get("only_masked"):
+            lines.append("Only masked: the job plans its tiles over the crop around the mask.")
     if not isinstance(image, (Image.Image, np.ndarray)):  # None, or a host component that is no image
         return None, "Load an init image first."
     try:
@@ -194,18 +211,16 @@ def preview_tiles(
     image = image.resize((width, height), Image.Resampling.LANCZOS)  # "Just resize", as the job does
     sigmas = karras_sigmas(PREVIEW_STEPS) if settings.variable_denoise else None
     latent_size = (height // LATENT_SCALE, width // LATENT_SCALE)
-    placed, lines = None, []
+    placed = None
     if settings.window_prompts == WINDOW_PROMPTS[1]:
         if place_words is None or not (prompt or "").strip():
-            lines = ["Words where they are: the phrases are placed by the model when the job runs."]
+            lines.append("Words where they are: the phrases are placed by the model when the job runs.")
         else:
             try:
-                placed, lines = place_words(image, latent_size, prompt)
+                placed, found = place_words(image, latent_size, prompt)
             except Exception as error:  # noqa: BLE001 - a preview shows the error, never raises
-                lines = [
-                    f"Words where they are: could not place the phrases ({type(error).__name__}: {error})"
-                ]
-            lines = [f"Words where they are: {line}" for line in lines]
+                found = [f"could not place the phrases ({type(error).__name__}: {error})"]
+            lines += [f"Words where they are: {line}" for line in found]
     strengths = None
     if settings.strength_map is not None:
         try:
@@ -213,6 +228,10 @@ def preview_tiles(
         except SettingsError as error:
             return None, _escape(f"Settings error: {error}")
         strengths = on_latent_grid(fitted, latent_size)
+    if inpaint is not None and inpaint.get("mask") is not None:
+        mask, blur, invert = inpaint["mask"], inpaint.get("blur", 0), inpaint.get("invert")
+        share = repainted_share(mask, (width, height), blur, invert)
+        strengths = with_inpaint_mask(strengths, on_latent_grid(share, latent_size), latent_size)
     plan = build_plan(image, settings, latent_size, sigmas, placed=placed, pixel_strength=strengths)
     plan.notes.extend(lines)
     return draw_plan(image, plan, show_detail), _escape(" ".join([plan.summary(), *lines]))

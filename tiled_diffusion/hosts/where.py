@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -53,3 +54,62 @@ def pixel_strength(p: Any, settings: Settings, latent_size: tuple[int, int]) -> 
         )
         strengths = on_latent_grid(fitted, (height, width))
     return with_inpaint_mask(strengths, getattr(p, "nmask", None), latent_size)
+
+
+# The img2img tabs, as both WebUIs number them (img2img_selected_tab).
+INPAINT_TAB, INPAINT_SKETCH_TAB, INPAINT_UPLOAD_TAB = 2, 3, 4
+
+
+def inpaint_preview(names: list[str], *values) -> dict | None:
+    """What Preview tiles shows of the open inpaint tab: {"image", "mask", "blur", "invert",
+    "only_masked"} for `preview_tiles`, or None when no inpaint tab is open.
+
+    names: the inpaint components the host has, in the order of `values` (see the script):
+    "tab", "inpaint" (A1111's sketch editor: {"image", "mask"}), "inpaint_background" and
+    "inpaint_foreground" (Forge's canvas: the picture, the painted layer whose opacity is
+    the mask), "sketch" / "sketch_background" / "sketch_foreground" (inpaint sketch),
+    "upload_image", "upload_mask", "mask_blur", "mask_mode" (1 = inpaint not masked),
+    "inpaint_area" (1 = only masked).
+    """
+    known = dict(zip(names, values))
+    tab = int(known.get("tab") or 0)
+    image = mask = None
+    if tab == INPAINT_TAB:
+        editor = known.get("inpaint")
+        if isinstance(editor, dict):  # A1111
+            image, mask = editor.get("image"), editor.get("mask")
+        else:  # Forge
+            image, mask = known.get("inpaint_background"), _opacity(known.get("inpaint_foreground"))
+    elif tab == INPAINT_SKETCH_TAB:
+        # Forge's mask is the painted layer; A1111 derives it from the colours painted over the
+        # picture, known only when the job runs.
+        image = known.get("sketch_background", known.get("sketch"))
+        if isinstance(image, dict):
+            image = image.get("image")
+        mask = _opacity(known.get("sketch_foreground"))
+    elif tab == INPAINT_UPLOAD_TAB:
+        image, mask = known.get("upload_image"), known.get("upload_mask")
+    else:
+        return None
+    return {
+        "image": image,
+        "mask": _as_image(mask),
+        "blur": int(known.get("mask_blur") or 0),
+        "invert": known.get("mask_mode") in (1, "Inpaint not masked"),
+        "only_masked": known.get("inpaint_area") in (1, "Only masked"),
+    }
+
+
+def _as_image(value) -> Image.Image | None:
+    if value is None or isinstance(value, Image.Image):
+        return value
+    return Image.fromarray(np.asarray(value))
+
+
+def _opacity(layer) -> Image.Image | None:
+    """The painted pixels of a layer (its alpha), as a greyscale mask; None when nothing is painted."""
+    layer = _as_image(layer)
+    if layer is None or layer.mode not in ("RGBA", "LA"):
+        return None
+    alpha = layer.getchannel("A")
+    return alpha if alpha.getextrema()[1] > 0 else None
