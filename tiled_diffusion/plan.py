@@ -83,15 +83,6 @@ class Plan:
         notes = [n for n in self.notes if n != NO_SCHEDULE_NOTE]
         return dataclasses.replace(self, leaves=leaves, notes=notes, sigmas=sigmas)
 
-    prompt: WindowPrompt = WindowPrompt()  # what the tile is told beyond or short of the job's prompt
-    changes: bool = True  # False: the pixel strengths keep every pixel its band reaches
-
-    @property
-    def state(self) -> tuple:
-        """What tiles sharing a window must agree on (a window over kept pixels only is never
-        evaluated, so it must not be one with a window that is)."""
-        return self.strength, self.skipped, self.prompt, self.changes
-
     def window_strength(self, window: Window) -> float:
         """The absolute strength of a window's tiles (1.0 stands for the job's own)."""
         return min(self.leaves[window.leaves[0]].strength, self.job_strength)
