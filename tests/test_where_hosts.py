@@ -164,6 +164,9 @@ def test_a_strength_map_from_the_api_keeps_its_black_half_and_pastes_it_back(
 
 def test_a_map_of_another_aspect_than_the_init_image_fails_the_job_naming_it(k_diffusion, state, init_image):
     job_args = [{"enabled": True, "strength_map": png_base64(Image.new("L", (100, 100), 255))}]
+    # Refused in process(): the WebUI swallows errors of process_before_every_sampling and
+    # would run the job untiled (seen in A1111 1.10.1), so the sampler fails the job instead.
+    assert isinstance(webui.start(fake.processing([init_image], W, H, 1), job_args), webui.RejectedJob)
     with pytest.raises(
         td.SettingsError, match="strength_map: 100x100 px .* does not fit the init image of 512x384"
     ):

@@ -133,15 +133,8 @@ def fit_to_job(
     fill, 3 latent upscale: stretched). Resampling is bilinear and area-averaging, so a
     black area stays exactly 0 and no ringing makes a kept pixel start.
     """
-    height, width = strength_map.pixels.shape
+    check_fits(strength_map, source_size)
     source_w, source_h = source_size
-    ratio = (width / height) / (source_w / source_h)
-    if abs(ratio - 1) > ASPECT_TOLERANCE:
-        raise SettingsError(
-            f"strength_map: {width}x{height} px (aspect {width / height:.3f}) does not fit the init image "
-            f"of {source_w}x{source_h} px (aspect {source_w / source_h:.3f}); paint the map over the "
-            "init image, or give it the init image's aspect ratio (within 3%)"
-        )
     values = Image.fromarray(strength_map.pixels.astype(np.float32) / 255, mode="F")
     values = values.resize((source_w, source_h), Image.Resampling.BILINEAR)
     job_w, job_h = job_size
@@ -154,6 +147,18 @@ def fit_to_job(
     else:
         values = values.resize((job_w, job_h), Image.Resampling.BILINEAR)
     return np.clip(np.asarray(values, dtype=np.float32), 0, 1)
+
+
+def check_fits(strength_map: StrengthMap, source_size: tuple[int, int]) -> None:
+    """Refuse a map whose aspect ratio differs from the init image's by more than 3%."""
+    height, width = strength_map.pixels.shape
+    source_w, source_h = source_size
+    if abs((width / height) / (source_w / source_h) - 1) > ASPECT_TOLERANCE:
+        raise SettingsError(
+            f"strength_map: {width}x{height} px (aspect {width / height:.3f}) does not fit the init image "
+            f"of {source_w}x{source_h} px (aspect {source_w / source_h:.3f}); paint the map over the "
+            "init image, or give it the init image's aspect ratio (within 3%)"
+        )
 
 
 def _crop(values: Image.Image, width: int, height: int) -> Image.Image:

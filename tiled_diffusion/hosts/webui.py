@@ -207,6 +207,10 @@ def start(p: Any, args: tuple, preparation: Preparation | None = None) -> Job | 
         return RejectedJob(error)
     if not settings.enabled:
         return None
+    try:  # known now: the WebUI would swallow the error where the map is placed
+        where.check(p, settings)
+    except SettingsError as error:
+        return RejectedJob(error)
     family = families.of_job(p)
     if family.refused:  # a model the windows cannot be placed for
         return RejectedJob(SettingsError(family.refused))

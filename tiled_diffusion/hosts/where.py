@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from ..settings import Settings
-from ..strength import fit_to_job, on_latent_grid, with_inpaint_mask
+from ..strength import check_fits, fit_to_job, on_latent_grid, with_inpaint_mask
 
 
 def only_masked_crop(p: Any) -> tuple[int, int, int, int] | None:
@@ -35,6 +35,13 @@ def cropped(p: Any, image: Image.Image, crop: tuple[int, int, int, int]) -> Imag
 
     flat = images.flatten(image, shared.opts.img2img_background_color)
     return images.resize_image(2, flat.crop(crop), p.width, p.height)
+
+
+def check(p: Any, settings: Settings) -> None:
+    """Refuse a strength map that does not fit the job's init image (SettingsError)."""
+    init_images = getattr(p, "init_images", None)
+    if settings.strength_map is not None and init_images:
+        check_fits(settings.strength_map, init_images[0].size)
 
 
 def pixel_strength(p: Any, settings: Settings, latent_size: tuple[int, int]) -> torch.Tensor | None:
