@@ -113,7 +113,12 @@ class Job(_HookedJob):
         hires = bool(getattr(p, "is_hr_pass", False))
         has_original = self.img2img or hires
         if self.img2img and self.plan is not None and self.plan.latent_size == latent_size:
-            self._find_where(p, latent_size)
+            try:
+                self._find_where(p, latent_size)
+            except Exception as error:  # noqa: BLE001 - tiled as before, every window computed
+                self.pixel_strength = None
+                _note(p, f"{TITLE}: could not read where the picture may change ({type(error).__name__}: "
+                         f"{error}); every window is computed")  # fmt: skip
         if self.plan is None or self.plan.latent_size != latent_size or hires:
             # txt2img: the hires pass starts from the upscaled first pass. A first pass has no
             # picture yet: an even grid of the largest tiles, all denoised from the start.
