@@ -166,7 +166,12 @@ class TiledDenoiser:
             strength = plan.window_strength(w)
             if strength not in self._starts:
                 self._starts[strength] = (
-                    pixel_starts(plan.pixel_strength.double() * strength, plan.job_strength, plan.sigmas)
+                    pixel_starts(
+                        plan.pixel_strength.double() * strength,
+                        plan.job_strength,
+                        plan.sigmas,
+                        plan.start_rule,
+                    )
                     .float()
                     .to(self._device)
                 )

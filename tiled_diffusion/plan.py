@@ -73,6 +73,10 @@ class Plan:
     pixel_strength: torch.Tensor | None = None
     job_strength: float = 1.0  # the strength the job runs at (a tile of strength 1.0 has it)
     sigmas: torch.Tensor | None = None  # the sampler's full schedule, once known
+    # How a strength picks its start in `sigmas`: "webui", the WebUI img2img rule on the full
+    # schedule (start_sigma); "run", ComfyUI's: the last int(N * s / job_strength) of the
+    # N steps of the schedule the sampler runs (hosts/comfyui.py run_starts).
+    start_rule: str = "webui"
 
     def with_sigmas(self, sigmas: torch.Tensor) -> Plan:
         """The same tiles with start sigmas from the sampler's full schedule."""

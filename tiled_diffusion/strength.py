@@ -218,23 +218,33 @@ def with_inpaint_mask(
     return repainted if strengths is None else strengths * repainted
 
 
-def pixel_starts(strengths: torch.Tensor, job_strength: float, sigmas: torch.Tensor | None) -> torch.Tensor:
+def pixel_starts(
+    strengths: torch.Tensor, job_strength: float, sigmas: torch.Tensor | None, rule: str = "webui"
+) -> torch.Tensor:
     """The start sigma of each pixel for its absolute strength (float64, same shape).
 
-    The WebUI img2img rule per pixel (plan.start_sigma): +inf where the pixel is as strong
-    as the job (it starts with the job), -inf at 0 (never starts: the original is kept).
+    +inf where the pixel is as strong as the job (it starts with the job), -inf at 0 (never
+    starts: the original is kept); between, the plan's rule (Plan.start_rule): "webui", the
+    WebUI img2img rule on the full schedule (plan.start_sigma); "run", the last
+    int(N * s / job_strength) steps of the N the sampler runs (ComfyUI).
     """
     s = strengths.double()
-    starts = torch.where(s >= min(job_strength, 1.0), math.inf, -math.inf).to(torch.float64)
-    between = (s > 0) & (s < min(job_strength, 1.0))
+    top = min(job_strength, 1.0)
+    starts = torch.where(s >= top, math.inf, -math.inf).to(torch.float64)
+    between = (s > 0) & (s < top)
     if between.any():
         if sigmas is None:
             raise ValueError(
                 "strength map: grey pixels need the sampler's sigmas; pass sigmas= to build_plan"
             )
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
         steps = len(sigmas) - 1
-        t_enc = (s[between].clamp(max=0.999) * steps).floor().long()
-        starts[between] = torch.as_tensor(sigmas, dtype=torch.float64)[steps - t_enc - 1]
+        if rule == "run":
+            runs = (s[between] / top * steps + 1e-6).floor().long()
+            starts[between] = torch.where(runs > 0, sigmas[steps - runs], -math.inf)
+        else:
+            t_enc = (s[between].clamp(max=0.999) * steps).floor().long()
+            starts[between] = sigmas[steps - t_enc - 1]
     return starts
 
 

@@ -61,7 +61,7 @@ def _a1111(model: Any) -> Family:
     if getattr(model, "parameterization", "eps") == "v":
         name += " v-prediction"
     inner = getattr(getattr(model, "model", None), "diffusion_model", None)
-    return _with_patch(name, inner)
+    return with_patch(name, inner)
 
 
 def _forge(model: Any) -> Family:
@@ -74,10 +74,10 @@ def _forge(model: Any) -> Family:
         name += " (flow)"
     elif prediction == "v_prediction":
         name += " v-prediction"
-    return _with_patch(name, inner)
+    return with_patch(name, inner)
 
 
-def _with_patch(name: str, inner: Any) -> Family:
+def with_patch(name: str, inner: Any) -> Family:
     """The family with the patch size of its diffusion model, or refused when it is unknown."""
     if inner is None:
         return Family(name)  # nothing to inspect (a stand-in): the UNet layout
