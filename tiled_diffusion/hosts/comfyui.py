@@ -68,8 +68,16 @@ class UnetWrapper:
     wrapper set before it (a wrapper slot holds one function: the earlier one is called
     for each window batch)."""
 
-    def __init__(self, plan: Plan, original: torch.Tensor, previous: Callable | None = None, log=print):
+    def __init__(
+        self,
+        plan: Plan,
+        original: torch.Tensor,
+        previous: Callable | None = None,
+        log=print,
+        window_cond: Callable | None = None,
+    ):
         self.plan, self.original, self.previous, self.log = plan, original, previous, log
+        self.window_cond = window_cond  # windows with prompts of their own (denoiser.WindowConditioning)
         self.denoiser: TiledDenoiser | None = None
         self.run_sigmas: tuple | None = None  # the schedule of the run the denoiser was timed for
         self._logged: set[str] = set()
@@ -111,7 +119,9 @@ class UnetWrapper:
                     f"{TITLE}: the sampler gave no schedule (sample_sigmas); cannot time the tiles"
                 )
             self.run_sigmas = key
-            self.denoiser = TiledDenoiser(model, plan, self.original.to(x.device))
+            self.denoiser = TiledDenoiser(
+                model, plan, self.original.to(x.device), window_cond=self.window_cond
+            )
         self.denoiser.model = model
         return self.denoiser(x, sigma, **c)
 
@@ -130,11 +140,11 @@ def _per_window_options(cond: dict, chunks: list[int], sigma_rows: torch.Tensor)
     return {**cond, "transformer_options": options}
 
 
-def patched(model: Any, plan: Plan, original: torch.Tensor) -> Any:
+def patched(model: Any, plan: Plan, original: torch.Tensor, window_cond: Callable | None = None) -> Any:
     """A clone of the MODEL with the tiled wrapper (the input MODEL is left as it is)."""
     clone = model.clone()
     previous = clone.model_options.get("model_function_wrapper")
-    clone.set_model_unet_function_wrapper(UnetWrapper(plan, original, previous))
+    clone.set_model_unet_function_wrapper(UnetWrapper(plan, original, previous, window_cond=window_cond))
     return clone
 
 
