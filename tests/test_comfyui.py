@@ -235,3 +235,34 @@ def test_the_preview_draws_the_plan_and_hatches_a_masks_kept_area(init_image):
     assert picture.shape[0] == 1 and picture.shape[1] > H and picture.shape[2] == W  # the legend below
     plain = QuadtreePreview().preview(to_image([init_image]), False, **values)["result"][0]
     assert (picture[0, 200:380, 300:500] - plain[0, 200:380, 300:500]).abs().mean() > 0.02
+
+
+def test_comfyui_imports_the_repository_as_a_node_pack_and_the_registry_finds_it():
+    """ComfyUI imports custom_nodes/<folder>/__init__.py by its file location (relative imports
+    work); the Comfy Registry reads pyproject's [project] and [tool.comfy]."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).parent.parent
+    name = "custom_nodes_x_quadtree_tiled_diffusion"
+    spec = importlib.util.spec_from_file_location(
+        name, root / "__init__.py", submodule_search_locations=[str(root)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        assert set(module.NODE_CLASS_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
+        assert module.NODE_DISPLAY_NAME_MAPPINGS == NODE_DISPLAY_NAME_MAPPINGS
+    finally:
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[key]
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert (
+        project["project"]["name"] == "quadtree-tiled-diffusion" and project["project"]["dependencies"] == []
+    )
+    assert project["tool"]["comfy"]["PublisherId"] and project["tool"]["comfy"]["DisplayName"]
+    assert "torch" not in (root / "install.py").read_text().split('"""')[-1], "install.py installs nothing"
