@@ -266,3 +266,57 @@ def test_comfyui_imports_the_repository_as_a_node_pack_and_the_registry_finds_it
     )
     assert project["tool"]["comfy"]["PublisherId"] and project["tool"]["comfy"]["DisplayName"]
     assert "torch" not in (root / "install.py").read_text().split('"""')[-1], "install.py installs nothing"
+
+
+class StandInClip:
+    """ComfyUI's CLIP as the nodes use it: tokenize, then encode_from_tokens -> [1, 77, D]."""
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens(self, tokens):
+        g = torch.Generator().manual_seed(sum(map(ord, tokens)))
+        return torch.randn(1, 77, 16, generator=g)
+
+
+def test_regions_append_their_prompt_to_each_windows_positive_rows(k_diffusion, init_image):
+    samples, noise = latents(1, 6)
+    regions = "0 0 0.5 1: a red barn\n0.5 0 1 1: a wheat field"
+    model = fake.ModelPatcher(fake.BaseModel())
+    seen = []
+    apply_model = model.model.apply_model
+
+    def recording(x, t, c_crossattn, transformer_options, **kwargs):
+        seen.append((c_crossattn.clone(), list(transformer_options["cond_or_uncond"]), x.shape[0]))
+        return apply_model(x, t, c_crossattn, transformer_options, **kwargs)
+
+    model.model.apply_model = recording
+    clip = StandInClip()
+    patched, plan, _ = QuadtreeTiledDiffusion().patch(
+        model, to_image([init_image]), {"samples": samples}, regions=regions, clip=clip, **widgets()
+    )
+    assert {leaf.prompt.added for leaf in plan.leaves} == {("a red barn",), ("a wheat field",)}
+    fake.ksampler(k_diffusion, patched, samples, noise, 6, 0.5)
+    positive, negative = fake.conditioning(1)
+    told = {
+        text: torch.cat([positive, clip.encode_from_tokens(text)], dim=1)
+        for text in ("a red barn", "a wheat field")
+    }
+    found = set()
+    for crossattn, chunks, rows in seen:
+        per = rows // len(chunks)
+        for j, kind in enumerate(chunks):
+            for row in crossattn[j * per : (j + 1) * per]:
+                if kind == 1:
+                    assert torch.equal(row, negative[0].repeat(2, 1))  # repeated to the common length
+                else:
+                    found |= {text for text, rows_of in told.items() if torch.equal(row, rows_of[0])}
+                    assert any(torch.equal(row, rows_of[0]) for rows_of in told.values())
+    assert found == set(told)
+    with pytest.raises(ValueError, match="regions need the CLIP input"):
+        QuadtreeTiledDiffusion().patch(
+            model, to_image([init_image]), {"samples": samples}, regions=regions, **widgets()
+        )
+    assert "regions: line 1" in QuadtreeTiledDiffusion.VALIDATE_INPUTS(
+        128, 512, 32, 256, regions="0 0 2 1: x"
+    )

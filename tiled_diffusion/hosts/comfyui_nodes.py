@@ -21,6 +21,7 @@ from ..settings import PARAMETERS_BY_NAME, Settings, SettingsError
 from ..strength import StrengthMap, check_fits, fit_to_job, on_latent_grid, with_inpaint_mask
 from ..ui import preview_tiles
 from . import comfyui
+from .comfyui_prompts import RegionConditioning, encode_regions
 
 CATEGORY = "sampling/quadtree"
 PLAN = "QUADTREE_PLAN"  # the plan, from the tiled model to Paste Kept
@@ -74,7 +75,7 @@ def tiling_inputs() -> dict[str, tuple]:
 
 def checked_settings(**values: Any) -> Settings:
     """The settings of a node's widget values (SettingsError names what is wrong)."""
-    return Settings(enabled=True, **{name: values[name] for name in TILING if name in values})
+    return Settings(enabled=True, **{name: values[name] for name in (*TILING, "regions") if name in values})
 
 
 def validate(**values: Any) -> bool | str:
@@ -142,15 +143,31 @@ class QuadtreeTiledDiffusion:
                 "latent": ("LATENT", {"tooltip": "The init latent, the same the KSampler gets."}),
                 **tiling_inputs(),
             },
-            "optional": {"strength_map": ("MASK", {"tooltip": STRENGTH_MAP_TIP})},
+            "optional": {
+                "strength_map": ("MASK", {"tooltip": STRENGTH_MAP_TIP}),
+                "regions": setting_input("regions"),
+                "clip": (
+                    "CLIP",
+                    {"tooltip": "The CLIP that encoded the prompt: it encodes the regions' prompts."},
+                ),
+            },
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, min_tile, max_tile, overlap, min_window):  # noqa: N802 - ComfyUI's name
-        return validate(min_tile=min_tile, max_tile=max_tile, overlap=overlap, min_window=min_window)
+    def VALIDATE_INPUTS(cls, min_tile, max_tile, overlap, min_window, regions=""):  # noqa: N802 - ComfyUI's name
+        return validate(
+            min_tile=min_tile, max_tile=max_tile, overlap=overlap, min_window=min_window, regions=regions
+        )
 
-    def patch(self, model, image, latent, strength_map=None, **values):
-        settings = checked_settings(**values)
+    def patch(self, model, image, latent, strength_map=None, regions="", clip=None, **values):
+        settings = checked_settings(regions=regions or "", **values)
+        window_cond = None
+        if settings.regions.strip():
+            if clip is None:
+                raise ValueError(
+                    "Quadtree Tiled Diffusion: regions need the CLIP input (to encode their prompts)"
+                )
+            window_cond = RegionConditioning(encode_regions(clip, settings.regions))
         family = comfyui.family_of(model)
         if family.refused:
             raise ValueError(f"Quadtree Tiled Diffusion: {family.refused}")
@@ -171,7 +188,7 @@ class QuadtreeTiledDiffusion:
         print(f"Quadtree Tiled Diffusion: {plan.summary()}", flush=True)
         original = model.model.process_latent_in(samples.float())
         top = plan.max_strength if settings.variable_denoise else 1.0
-        return comfyui.patched(model, plan, original), plan, top
+        return comfyui.patched(model, plan, original, window_cond=window_cond), plan, top
 
 
 class QuadtreePreview:
@@ -198,15 +215,19 @@ class QuadtreePreview:
                     "MASK",
                     {"tooltip": "Optional inpaint mask (1 = repaint): what it keeps is hatched."},
                 ),
+                "regions": setting_input("regions"),
             },
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, min_tile, max_tile, overlap, min_window):  # noqa: N802
-        return validate(min_tile=min_tile, max_tile=max_tile, overlap=overlap, min_window=min_window)
+    def VALIDATE_INPUTS(cls, min_tile, max_tile, overlap, min_window, regions=""):  # noqa: N802
+        return validate(
+            min_tile=min_tile, max_tile=max_tile, overlap=overlap, min_window=min_window, regions=regions
+        )
 
-    def preview(self, image, show_detail, strength_map=None, mask=None, **values):
-        settings = dataclasses.replace(checked_settings(**values), strength_map=_map_of(strength_map))
+    def preview(self, image, show_detail, strength_map=None, mask=None, regions="", **values):
+        settings = checked_settings(regions=regions or "", **values)
+        settings = dataclasses.replace(settings, strength_map=_map_of(strength_map))
         picture = to_pil(image)
         inpaint = None
         if mask is not None:
