@@ -5,6 +5,7 @@ ComfyUI calls the wrapper as `wrapper(apply_model, {"input", "timestep", "c",
 (the denoised latent), as Forge does (its backend comes from ComfyUI). The rows of
 `input` are whole batches of the job's images, one chunk per entry of `cond_or_uncond`.
 The schedule the sampler runs is `c["transformer_options"]["sample_sigmas"]`.
+ControlNets run per window batch (see comfyui_control).
 
 Nothing here imports ComfyUI at module level: the tests drive it with stand-ins.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -22,6 +24,7 @@ from ..denoiser import TiledDenoiser
 from ..plan import Plan
 from ..settings import TITLE
 from . import families
+from .comfyui_control import CALC_COND_BATCH, ComfyChain, without_control
 
 
 def family_of(model: Any) -> families.Family:
@@ -80,6 +83,9 @@ class UnetWrapper:
         self.window_cond = window_cond  # windows with prompts of their own (denoiser.WindowConditioning)
         self.denoiser: TiledDenoiser | None = None
         self.run_sigmas: tuple | None = None  # the schedule of the run the denoiser was timed for
+        self.controlnet: ComfyChain | None = None  # the ControlNets of the current call, see take_control
+        self._chain: ComfyChain | None = None  # the last chain, kept with its resized hints
+        self._chunks = 1  # cond/uncond chunks of the current call
         self._logged: set[str] = set()
 
     def __deepcopy__(self, memo: dict) -> UnetWrapper:
@@ -90,10 +96,13 @@ class UnetWrapper:
         chunks = list(params["cond_or_uncond"])
 
         def model(crops: torch.Tensor, sigma_rows: torch.Tensor, **cond: Any) -> torch.Tensor:
-            cond = _per_window_options(cond, chunks * (crops.shape[0] // x.shape[0]), sigma_rows)
+            windows = crops.shape[0] // x.shape[0]
+            cond = _per_window_options(cond, chunks * windows, sigma_rows)
+            if self.controlnet is not None:
+                control = self.controlnet.control(crops, sigma_rows, cond, len(chunks) * windows)
+                cond = {**cond, "control": control}
             if self.previous is None:
                 return apply_model(crops, sigma_rows, **cond)
-            windows = crops.shape[0] // x.shape[0]
             inner = {"input": crops, "timestep": sigma_rows, "c": cond, "cond_or_uncond": chunks * windows}
             return self.previous(apply_model, inner)
 
@@ -102,11 +111,6 @@ class UnetWrapper:
                 f"{TITLE}: a call of {x.shape[-1]}x{x.shape[-2]} latent px (an area cond) runs untiled"
             )
             return model(x, sigma, **c)
-        if "control" in c and c["control"] is not None:
-            raise RuntimeError(
-                f"{TITLE}: a ControlNet is applied to this sampler's conditioning; ControlNet per window "
-                "is not supported by the ComfyUI node yet. Apply the ControlNet without the tiled model."
-            )
         options = c.get("transformer_options") or {}
         run = options.get("sample_sigmas")
         key = None if run is None else tuple(float(s) for s in torch.as_tensor(run).flatten())
@@ -120,10 +124,36 @@ class UnetWrapper:
                 )
             self.run_sigmas = key
             self.denoiser = TiledDenoiser(
-                model, plan, self.original.to(x.device), window_cond=self.window_cond
+                model,
+                plan,
+                self.original.to(x.device),
+                around_batch=self._around,
+                window_cond=self.window_cond,
             )
         self.denoiser.model = model
+        self._chunks = len(chunks)
         return self.denoiser(x, sigma, **c)
+
+    def take_control(self, executor: Callable, model: Any, conds: list, x_in, timestep, model_options):
+        """CALC_COND_BATCH wrapper: runs the call with the conds' ControlNets taken out.
+
+        ComfyUI would compute their control for the whole latent before the model wrapper,
+        a pass that tiling throws away (and, at 4K, the memory peak); the tiled model
+        computes it per window batch instead, and for any call it passes through untiled.
+        """
+        head, conds = without_control(conds)
+        if head is not None and (self._chain is None or self._chain.head is not head):
+            self._chain = ComfyChain(head, self.plan.latent_size)
+        self.controlnet = self._chain if head is not None else None
+        try:
+            return executor(model, conds, x_in, timestep, model_options)
+        finally:
+            self.controlnet = None
+
+    def _around(self, batch: list, rows: int) -> AbstractContextManager:
+        if self.controlnet is None:
+            return nullcontext()
+        return self.controlnet.around(batch, rows, self._chunks)
 
     def _log_once(self, text: str) -> None:
         if text not in self._logged:
@@ -144,7 +174,9 @@ def patched(model: Any, plan: Plan, original: torch.Tensor, window_cond: Callabl
     """A clone of the MODEL with the tiled wrapper (the input MODEL is left as it is)."""
     clone = model.clone()
     previous = clone.model_options.get("model_function_wrapper")
-    clone.set_model_unet_function_wrapper(UnetWrapper(plan, original, previous, window_cond=window_cond))
+    wrapper = UnetWrapper(plan, original, previous, window_cond=window_cond)
+    clone.set_model_unet_function_wrapper(wrapper)
+    clone.add_wrapper_with_key(CALC_COND_BATCH, "quadtree_tiled_diffusion", wrapper.take_control)
     return clone
 
 
