@@ -22,6 +22,7 @@ from tiled_diffusion.hosts.comfyui_nodes import (
 from tiled_diffusion.settings import PARAMETERS_BY_NAME
 
 from . import fake_comfyui as fake
+from .test_strength import computing_every_window
 
 W, H = 512, 384  # px; latent 64 x 48
 STEPS = 20
@@ -112,9 +113,7 @@ def test_a_noise_mask_leaves_unmasked_windows_unevaluated_and_changes_nothing(k_
     out = fake.ksampler(k_diffusion, patched, samples, noise, STEPS, 0.75, noise_mask=mask)
     masked_calls = list(model.model.calls)
     # the same plan with every window computed
-    every = comfyui.patched(
-        model, dataclass_replace(plan, pixel_strength=None), model.model.process_latent_in(samples)
-    )
+    every = comfyui.patched(model, computing_every_window(plan), model.model.process_latent_in(samples))
     model.model.calls.clear()
     full = fake.ksampler(k_diffusion, every, samples, noise, STEPS, 0.75, noise_mask=mask)
     assert torch.equal(out, full)
@@ -122,12 +121,6 @@ def test_a_noise_mask_leaves_unmasked_windows_unevaluated_and_changes_nothing(k_
     assert evaluated < 0.5 * sum(np.prod(shape) for shape, _ in model.model.calls)
     kept = comfyui.latent_mask(mask, samples.shape) == 0
     torch.testing.assert_close(out[..., kept], samples[..., kept], atol=1e-4, rtol=0)
-
-
-def dataclass_replace(plan, **changes):
-    import dataclasses
-
-    return dataclasses.replace(plan, **changes)
 
 
 def test_a_strength_map_mask_keeps_black_and_refines_white(k_diffusion, init_image):

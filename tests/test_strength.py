@@ -55,12 +55,24 @@ def flat_regions() -> torch.Tensor:
     return values
 
 
-def mapped_plan(image, values, job_strength, sigmas=None, **settings) -> td.Plan:
+def mapped_plan(image, values, job_strength, sigmas=None, inpaint_mask=None, **settings) -> td.Plan:
     """A plan with these pixel strengths ([H, W] on the latent grid)."""
     base = {"min_tile": 64, "max_tile": 256, "overlap": 32, "tile_batch": 4, **settings}
     return td.build_plan(
-        image, td.Settings(**base), (H, W), sigmas, pixel_strength=values, job_strength=job_strength
+        image,
+        td.Settings(**base),
+        (H, W),
+        sigmas,
+        pixel_strength=values,
+        job_strength=job_strength,
+        inpaint_mask=inpaint_mask,
     )
+
+
+def computing_every_window(plan: td.Plan) -> td.Plan:
+    """The same windows, every one evaluated and blended (no pixel strengths, every tile changing)."""
+    leaves = [dataclasses.replace(leaf, changes=True) for leaf in plan.leaves]
+    return dataclasses.replace(plan, pixel_strength=None, leaves=leaves)
 
 
 def img2img(k_diffusion, sampler, model, original, noise, sigmas, strength):
@@ -164,11 +176,10 @@ def test_windows_outside_the_mask_make_no_model_call_and_the_result_is_bit_ident
 ):
     sigmas = karras(STEPS)
     nmask = corner_mask(soft)
-    masked = mapped_plan(
-        image, with_inpaint_mask(None, nmask[None].expand(4, H, W), (H, W)), 0.75, sigmas, tile_batch=1
-    )
+    repainted = with_inpaint_mask(None, nmask[None].expand(4, H, W), (H, W))
+    masked = mapped_plan(image, repainted, 0.75, sigmas, inpaint_mask=nmask, tile_batch=1)
     original, noise = latent(1), latent(3)
-    every_window = dataclasses.replace(masked, pixel_strength=None)  # the same windows, all computed
+    every_window = computing_every_window(masked)
     assert [w for w in every_window.windows] == masked.windows
     results, models = [], []
     for each in (every_window, masked):
@@ -356,3 +367,24 @@ def test_the_preview_reads_no_inpaint_mask_on_other_tabs_and_inverts_on_request(
     )
     share = repainted_share(inverted["mask"], (64, 48), 0, inverted["invert"])
     assert share[0, 0] == 0 and share[-1, -1] == 1
+
+
+def test_a_black_half_costs_about_half_the_work_and_white_stays_full_strength(k_diffusion, image):
+    """A tile whose own pixels are all black leaves the blend: its band's white pixels are the
+    white tiles' (full strength, no fade to the original), and its window costs nothing."""
+    sigmas = karras(STEPS)
+    values = torch.ones(H, W)
+    values[:, : W // 2] = 0
+    plan = mapped_plan(image, values, 0.5, sigmas)
+    original, mu, noise = latent(1), latent(2), latent(3)
+    model = posterior_mean(mu, 0.5)
+    den = td.TiledDenoiser(model, plan, original=original)
+    out = img2img(k_diffusion, "sample_euler", den, original, noise, sigmas, 0.5)
+    full = img2img(k_diffusion, "sample_euler", model, original, noise, sigmas, 0.5)
+    white, black = values == 1, values == 0
+    torch.testing.assert_close(out[..., white], full[..., white], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[..., black], original[..., black], atol=1e-6, rtol=0)
+    every = td.TiledDenoiser(model, computing_every_window(plan), original=original)
+    img2img(k_diffusion, "sample_euler", every, original, noise, sigmas, 0.5)
+    share = den.stats["evaluated_pixels"] / every.stats["evaluated_pixels"]
+    assert 0.4 < share < 0.65, share

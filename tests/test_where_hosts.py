@@ -19,6 +19,7 @@ from . import fake_a1111 as fake
 from .images import png_base64
 from .test_hosts_a1111 import H, W, args, latents, run_img2img
 from .test_hosts_forge import forge_processing, run_forge
+from .test_strength import computing_every_window
 
 
 def corner_nmask(blur: bool = False) -> torch.Tensor:
@@ -47,7 +48,7 @@ def touching(plan: td.Plan, nmask: torch.Tensor) -> list:
 def every_window(job) -> None:
     """Make the installed hook compute every window (the same plan without its pixel strengths)."""
     hook = job.hooks[0]
-    hook.plan = dataclasses.replace(hook.plan, pixel_strength=None)
+    hook.plan = computing_every_window(hook.plan)
 
 
 @pytest.mark.parametrize("blur", [False, True], ids=["rounded mask", "soft mask"])

@@ -92,7 +92,10 @@ class TiledDenoiser:
             ):
                 original = original[images]  # one row per row of x (no copy when they already match)
         windows = [
-            w for w in self.plan.windows if original is None or self.plan.leaves[w.leaves[0]].is_active(level)
+            w
+            for w in self.plan.windows
+            if original is None
+            or (self.plan.leaves[w.leaves[0]].changes and self.plan.leaves[w.leaves[0]].is_active(level))
         ]
         gates = self._pixel_gates(level, windows) if original is not None else {}
         if gates:  # a window none of whose band pixels has started is not evaluated
@@ -201,7 +204,10 @@ class TiledDenoiser:
             shapes = {(b.h, b.w) for w in self.plan.windows for b in w.bands}
             weights = {s: window_weights(method, *s).to(device) for s in shapes}
             original = None if self.original is None else self.original.to(device, torch.float32)
-            self._device_cache[device] = (weights, weight_sum(self.plan).to(device), original)
+            # Windows that change nothing leave the blend; a pixel only they reach keeps the original.
+            total = weight_sum(self.plan, lambda leaf: leaf.changes)
+            total[total == 0] = 1.0
+            self._device_cache[device] = (weights, total.to(device), original)
         return self._device_cache[device]
 
 

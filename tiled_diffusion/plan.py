@@ -30,7 +30,9 @@ class Leaf:
     start_sigma: float | None  # the tile is denoised while sigma <= this; None = schedule unknown
     detail: float  # share of detailed pixels (0..1) that decided the split
     prompt: WindowPrompt = WindowPrompt()  # what the tile is told beyond or short of the job's prompt
-    changes: bool = True  # False: the pixel strengths keep every pixel its band reaches
+    # False: the tile changes nothing (pixel strengths 0 over it, and no repainted pixel of an
+    # inpaint mask within its band): its window is never evaluated and leaves the blend.
+    changes: bool = True
 
     @property
     def state(self) -> tuple:
@@ -92,7 +94,10 @@ class Plan:
         return min(self.leaves[window.leaves[0]].strength, self.job_strength)
 
     def window_reaches(self, window: Window) -> float:
-        """The largest pixel strength in a window's bands, relative to its tiles' (1 without a map)."""
+        """The largest pixel strength in a window's bands, relative to its tiles' (1 without a
+        map; 0 for a window that changes nothing)."""
+        if not self.leaves[window.leaves[0]].changes:
+            return 0.0
         if self.pixel_strength is None:
             return 1.0
         return max(float(self.pixel_strength[b.y : b.y + b.h, b.x : b.x + b.w].max()) for b in window.bands)
@@ -205,6 +210,7 @@ def build_plan(
     placed: dict[str, torch.Tensor] | None = None,
     pixel_strength: torch.Tensor | None = None,
     job_strength: float = 1.0,
+    inpaint_mask: torch.Tensor | None = None,
 ) -> Plan:
     """The tiling plan of one job.
 
@@ -222,6 +228,11 @@ def build_plan(
         band reaches no pixel above 0 get windows of their own, which are never evaluated.
     job_strength: the strength the job runs at (with pixel strengths: a tile of strength 1.0
         has it, and a pixel at 1 starts with the job).
+    inpaint_mask: the repainted share of each latent pixel ([H, W], the WebUI's nmask), whose
+        zeros pixel_strength holds too. A tile whose own pixels all keep the original changes
+        nothing: its window leaves the blend (the tiles that change blend the pixels its band
+        would reach), unless its band reaches a repainted pixel of the mask: the WebUI blends
+        the mask's edge itself, and the image must stay what it is with every window computed.
     """
     height, width = (int(v) for v in latent_size)
     if height <= 0 or width <= 0:
@@ -260,7 +271,9 @@ def build_plan(
                 added=tuple(region.prompt for region in regions if region.covers(*centre)),
                 left_out=phrases_left_out(placed, *astuple(r)) if placed else (),
             )
-        changes = pixel_strength is None or _reaches(pixel_strength, r, settings.overlap // scale)
+        changes = pixel_strength is None or _holds_active(pixel_strength, r, 0)
+        if inpaint_mask is not None and not changes:  # a band over repainted pixels blends them
+            changes = _holds_active(inpaint_mask, r, settings.overlap // scale)
         leaves.append(Leaf(r.x, r.y, r.w, r.h, strength, strength == 0, start, node.detail, prompt, changes))
     notes = []
     if settings.variable_denoise and sigmas is None:
@@ -282,10 +295,10 @@ def build_plan(
     )
 
 
-def _reaches(pixel_strength: torch.Tensor, r: Region, overlap: int) -> bool:
-    """Whether a tile grown by the overlap (as far as any band of it reaches) holds a pixel above 0."""
+def _holds_active(values: torch.Tensor, r: Region, overlap: int) -> bool:
+    """Whether a tile grown by `overlap` (its band reaches no farther) holds a value above 0."""
     y0, x0 = max(r.y - overlap, 0), max(r.x - overlap, 0)
-    return bool((pixel_strength[y0 : r.y + r.h + overlap, x0 : r.x + r.w + overlap] > 0).any())
+    return bool((values[y0 : r.y + r.h + overlap, x0 : r.x + r.w + overlap] > 0).any())
 
 
 def _groups(node: Node, index: dict, leaves: list[Leaf], max_side: int) -> list[tuple[Region, tuple]]:

@@ -195,17 +195,9 @@ def on_latent_grid(values: np.ndarray | torch.Tensor, latent_size: tuple[int, in
     return torch.nn.functional.avg_pool2d(values[None, None], LATENT_SCALE)[0, 0].clamp(0, 1)
 
 
-def with_inpaint_mask(
-    strengths: torch.Tensor | None, nmask, latent_size: tuple[int, int]
-) -> torch.Tensor | None:
-    """The pixel strengths with the inpaint mask's kept area at 0.
-
-    nmask: the WebUI's latent-grid mask of repainted pixels (`p.nmask`, after blur, rounding
-    and "Only masked"; [C, H, W], [1, C, H, W] or [H, W]); a pixel with any share of the
-    repaint is active, one the WebUI keeps entirely (nmask 0) returns the original.
-    """
-    if nmask is None:
-        return strengths
+def repainted_latent(nmask, latent_size: tuple[int, int]) -> torch.Tensor:
+    """The WebUI's latent-grid mask of repainted pixels (`p.nmask`, after blur, rounding and
+    "Only masked"; [C, H, W], [1, C, H, W] or [H, W]) as its [H, W] share."""
     mask = torch.as_tensor(nmask).detach().float().cpu()
     while mask.ndim > 2:
         mask = mask[0]
@@ -214,7 +206,17 @@ def with_inpaint_mask(
             f"inpaint mask: {mask.shape[-1]}x{mask.shape[-2]} latent px, but the job is "
             f"{latent_size[1]}x{latent_size[0]}"
         )
-    repainted = (mask > 0).float()
+    return mask
+
+
+def with_inpaint_mask(
+    strengths: torch.Tensor | None, nmask, latent_size: tuple[int, int]
+) -> torch.Tensor | None:
+    """The pixel strengths with the inpaint mask's kept area at 0: a pixel with any share of
+    the repaint is active, one the WebUI keeps entirely (nmask 0) returns the original."""
+    if nmask is None:
+        return strengths
+    repainted = (repainted_latent(nmask, latent_size) > 0).float()
     return repainted if strengths is None else strengths * repainted
 
 

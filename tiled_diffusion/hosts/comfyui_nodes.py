@@ -184,7 +184,14 @@ class QuadtreeTiledDiffusion:
         strengths = with_inpaint_mask(strengths, repainted, latent_size)
         if picture.size != job_size:
             picture = picture.resize(job_size, Image.Resampling.LANCZOS)
-        plan = build_plan(picture, settings, latent_size, align=family.align, pixel_strength=strengths)
+        plan = build_plan(
+            picture,
+            settings,
+            latent_size,
+            align=family.align,
+            pixel_strength=strengths,
+            inpaint_mask=repainted,
+        )
         print(f"Quadtree Tiled Diffusion: {plan.summary()}", flush=True)
         original = model.model.process_latent_in(samples.float())
         top = plan.max_strength if settings.variable_denoise else 1.0

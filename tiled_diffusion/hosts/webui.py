@@ -62,6 +62,7 @@ class Job(_HookedJob):
         # Where the picture may change (hosts/where.py): strength per latent pixel, and the
         # strength the job runs at; known once the WebUI has prepared the mask.
         self.pixel_strength: torch.Tensor | None = None
+        self.inpaint_mask: torch.Tensor | None = None  # the WebUI's repainted share, [H, W]
         self.job_strength = 1.0
         p.extra_generation_params.update(settings.infotext())
         if self.img2img:
@@ -90,13 +91,14 @@ class Job(_HookedJob):
             placed=placed,
             pixel_strength=self.pixel_strength,
             job_strength=self.job_strength,
+            inpaint_mask=self.inpaint_mask,
         )
 
     def _find_where(self, p: Any, latent_size: tuple) -> None:
         """img2img: plan again for the inpaint mask and the strength map, and over the crop
         of an "Only masked" job, now that the WebUI has prepared them."""
         crop = where.only_masked_crop(p)
-        self.pixel_strength = where.pixel_strength(p, self.settings, latent_size)
+        self.pixel_strength, self.inpaint_mask = where.pixel_strength(p, self.settings, latent_size)
         self.job_strength = float(getattr(p, "denoising_strength", None) or 1.0)
         if crop is None and self.pixel_strength is None:
             return
@@ -116,7 +118,7 @@ class Job(_HookedJob):
             try:
                 self._find_where(p, latent_size)
             except Exception as error:  # noqa: BLE001 - tiled as before, every window computed
-                self.pixel_strength = None
+                self.pixel_strength = self.inpaint_mask = None
                 _note(p, f"{TITLE}: could not read where the picture may change ({type(error).__name__}: "
                          f"{error}); every window is computed")  # fmt: skip
         if self.plan is None or self.plan.latent_size != latent_size or hires:

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from ..settings import Settings
-from ..strength import check_fits, fit_to_job, on_latent_grid, with_inpaint_mask
+from ..strength import check_fits, fit_to_job, on_latent_grid, repainted_latent, with_inpaint_mask
 
 
 def only_masked_crop(p: Any) -> tuple[int, int, int, int] | None:
@@ -44,10 +44,12 @@ def check(p: Any, settings: Settings) -> None:
         check_fits(settings.strength_map, init_images[0].size)
 
 
-def pixel_strength(p: Any, settings: Settings, latent_size: tuple[int, int]) -> torch.Tensor | None:
+def pixel_strength(
+    p: Any, settings: Settings, latent_size: tuple[int, int]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The job's strength per latent pixel ([H, W] in 0..1): the strength map placed as the
-    init image is, times the inpaint mask (0 where the WebUI keeps the original); None
-    when the job has neither."""
+    init image is, times the inpaint mask (0 where the WebUI keeps the original), or None
+    when the job has neither; and the inpaint mask's repainted share ([H, W]), or None."""
     strengths = None
     init_images = getattr(p, "init_images", None)
     if settings.strength_map is not None and init_images:
@@ -60,7 +62,9 @@ def pixel_strength(p: Any, settings: Settings, latent_size: tuple[int, int]) -> 
             crop=only_masked_crop(p),
         )
         strengths = on_latent_grid(fitted, (height, width))
-    return with_inpaint_mask(strengths, getattr(p, "nmask", None), latent_size)
+    nmask = getattr(p, "nmask", None)
+    repainted = None if nmask is None else repainted_latent(nmask, latent_size)
+    return with_inpaint_mask(strengths, nmask, latent_size), repainted
 
 
 # The img2img tabs, as both WebUIs number them (img2img_selected_tab).
