@@ -182,6 +182,8 @@ def test_inputs_carry_the_declared_names_defaults_ranges_and_tooltips():
         "QuadtreeTiledDiffusion": "Quadtree Tiled Diffusion",
         "QuadtreePreview": "Quadtree Preview",
         "QuadtreePasteKept": "Quadtree Paste Kept",
+        "QuadtreeVAEDecodeTiled": "Quadtree VAE Decode (Tiled)",
+        "QuadtreeVAEEncodeTiled": "Quadtree VAE Encode (Tiled)",
     }
     assert set(NODE_CLASS_MAPPINGS) == set(NODE_DISPLAY_NAME_MAPPINGS)
 

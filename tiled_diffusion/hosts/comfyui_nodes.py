@@ -22,6 +22,7 @@ from ..strength import StrengthMap, check_fits, fit_to_job, on_latent_grid, with
 from ..ui import preview_tiles
 from . import comfyui
 from .comfyui_prompts import RegionConditioning, encode_regions
+from .comfyui_vae import VAE_NODE_CLASS_MAPPINGS, VAE_NODE_DISPLAY_NAME_MAPPINGS
 
 CATEGORY = "sampling/quadtree"
 PLAN = "QUADTREE_PLAN"  # the plan, from the tiled model to Paste Kept
@@ -289,9 +290,11 @@ NODE_CLASS_MAPPINGS = {
     "QuadtreeTiledDiffusion": QuadtreeTiledDiffusion,
     "QuadtreePreview": QuadtreePreview,
     "QuadtreePasteKept": QuadtreePasteKept,
+    **VAE_NODE_CLASS_MAPPINGS,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "QuadtreeTiledDiffusion": "Quadtree Tiled Diffusion",
     "QuadtreePreview": "Quadtree Preview",
     "QuadtreePasteKept": "Quadtree Paste Kept",
+    **VAE_NODE_DISPLAY_NAME_MAPPINGS,
 }
