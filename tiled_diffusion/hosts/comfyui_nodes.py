@@ -43,9 +43,6 @@ TILING = (
     "denoise_largest",
     "denoise_smallest",
 )
-# Integers on a grid of 8 px: ComfyUI checks ranges but not steps, so the nodes check these
-# (and max_tile >= 2 min_tile) themselves, before anything runs.
-CHECKED = ("min_tile", "max_tile", "overlap", "min_window")
 
 STRENGTH_MAP_TIP = (
     "Optional: where the picture may change, painted over the init image (a MASK: 1 = full "
@@ -80,8 +77,11 @@ def checked_settings(**values: Any) -> Settings:
 
 
 def validate(**values: Any) -> bool | str:
-    """VALIDATE_INPUTS: True, or the message ComfyUI shows (HTTP 400 from /prompt). Inputs fed
-    by a link arrive as None and are checked when the node runs."""
+    """VALIDATE_INPUTS: True, or the message ComfyUI shows (HTTP 400 from /prompt). The nodes
+    check what ComfyUI does not: the 8 px steps of min_tile, max_tile, overlap and min_window,
+    max_tile >= 2 min_tile, the regions text (an input a node checks loses ComfyUI's own range
+    check, so Settings checks those ranges too). Inputs fed by a link arrive as None and are
+    checked when the node runs."""
     given = {name: value for name, value in values.items() if value is not None}
     try:
         Settings(**given)
