@@ -312,7 +312,7 @@ PARAMETERS: tuple[Param, ...] = (
         "vae_tile",
         "VAE tile",
         1024,
-        "Side of a tile of the tiled VAE in pixels (A1111): smaller uses less VRAM, larger gives "
+        "Side of a tile of the tiled VAE in pixels (A1111, ComfyUI): smaller uses less VRAM, larger gives "
         "the VAE's attention more of the picture.",
         "vae",
         256,
