@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+ATTENTION_OVERLAP = 128  # px the lowest-resolution attention sees beyond each tile (the hosts' default)
 WINDOW = -1  # Step.halo of an attention step: the attention window's overlap
 
 Tile = tuple[int, int, int, int]  # y0, y1, x0, x1 at the lowest resolution

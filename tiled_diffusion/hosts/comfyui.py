@@ -22,9 +22,25 @@ import torch
 
 from ..denoiser import TiledDenoiser
 from ..plan import Plan
-from ..settings import TITLE
+from ..settings import PARAMETERS_BY_NAME, TITLE
 from . import families
 from .comfyui_control import CALC_COND_BATCH, ComfyChain, without_control
+
+
+def setting_input(name: str) -> tuple:
+    """A parameter as a ComfyUI input: its type, default, range and help as tooltip."""
+    p = PARAMETERS_BY_NAME[name]
+    options: dict[str, Any] = {"default": p.default, "tooltip": p.help}
+    if p.choices:
+        return list(p.choices), options
+    if p.kind is bool:
+        return "BOOLEAN", options
+    if p.text:
+        return "STRING", {**options, "multiline": True}
+    options.update(min=p.minimum, max=p.maximum, step=p.step)
+    if p.kind is int:
+        return "INT", options
+    return "FLOAT", {**options, "round": p.step}
 
 
 def family_of(model: Any) -> families.Family:

@@ -17,7 +17,7 @@ from PIL import Image
 from ..blend import paste_kept_pixels
 from ..plan import Plan, build_plan
 from ..quadtree import LATENT_SCALE
-from ..settings import PARAMETERS_BY_NAME, Settings, SettingsError
+from ..settings import Settings, SettingsError
 from ..strength import StrengthMap, check_fits, fit_to_job, on_latent_grid, with_inpaint_mask
 from ..ui import preview_tiles
 from . import comfyui
@@ -51,24 +51,8 @@ STRENGTH_MAP_TIP = (
 )
 
 
-def setting_input(name: str) -> tuple:
-    """A parameter as a ComfyUI input: its type, default, range and help as tooltip."""
-    p = PARAMETERS_BY_NAME[name]
-    options: dict[str, Any] = {"default": p.default, "tooltip": p.help}
-    if p.choices:
-        return list(p.choices), options
-    if p.kind is bool:
-        return "BOOLEAN", options
-    if p.text:
-        return "STRING", {**options, "multiline": True}
-    options.update(min=p.minimum, max=p.maximum, step=p.step)
-    if p.kind is int:
-        return "INT", options
-    return "FLOAT", {**options, "round": p.step}
-
-
 def tiling_inputs() -> dict[str, tuple]:
-    return {name: setting_input(name) for name in TILING}
+    return {name: comfyui.setting_input(name) for name in TILING}
 
 
 def checked_settings(**values: Any) -> Settings:
@@ -146,7 +130,7 @@ class QuadtreeTiledDiffusion:
             },
             "optional": {
                 "strength_map": ("MASK", {"tooltip": STRENGTH_MAP_TIP}),
-                "regions": setting_input("regions"),
+                "regions": comfyui.setting_input("regions"),
                 "clip": (
                     "CLIP",
                     {"tooltip": "The CLIP that encoded the prompt: it encodes the regions' prompts."},
@@ -223,7 +207,7 @@ class QuadtreePreview:
                     "MASK",
                     {"tooltip": "Optional inpaint mask (1 = repaint): what it keeps is hatched."},
                 ),
-                "regions": setting_input("regions"),
+                "regions": comfyui.setting_input("regions"),
             },
         }
 

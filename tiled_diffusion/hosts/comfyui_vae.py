@@ -22,9 +22,8 @@ from typing import Any
 
 import torch
 
-from ..settings import PARAMETERS_BY_NAME
-from ..vae import should_tile, tiled_decode, tiled_encode
-from .vae_a1111 import ATTENTION_OVERLAP
+from ..vae import ATTENTION_OVERLAP, should_tile, tiled_decode, tiled_encode
+from .comfyui import setting_input
 
 CATEGORY = "latent/quadtree"
 
@@ -34,21 +33,8 @@ TILED_CLASSES = frozenset(
 )
 
 
-def tile_input(name: str) -> tuple:
-    """An integer parameter as a ComfyUI input: its default, range and help as tooltip.
-    (comfyui_nodes.setting_input does the same for every kind; that module imports this one.)"""
-    p = PARAMETERS_BY_NAME[name]
-    return "INT", {
-        "default": p.default,
-        "min": p.minimum,
-        "max": p.maximum,
-        "step": p.step,
-        "tooltip": p.help,
-    }
-
-
 def tile_inputs() -> dict[str, tuple]:
-    return {name: tile_input(name) for name in ("vae_tile", "vae_tile_above")}
+    return {name: setting_input(name) for name in ("vae_tile", "vae_tile_above")}
 
 
 def _qualified(obj: object) -> str:

@@ -21,9 +21,7 @@ from typing import Any
 
 import torch
 
-from ..vae import decoder_steps, should_tile, tiled_decode, tiled_encode
-
-ATTENTION_OVERLAP = 128  # px the lowest-resolution attention sees beyond each tile
+from ..vae import ATTENTION_OVERLAP, decoder_steps, should_tile, tiled_decode, tiled_encode
 
 
 class VaeHook:
