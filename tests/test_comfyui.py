@@ -315,3 +315,35 @@ def test_regions_append_their_prompt_to_each_windows_positive_rows(k_diffusion, 
     assert "regions: line 1" in QuadtreeTiledDiffusion.VALIDATE_INPUTS(
         128, 512, 32, 256, regions="0 0 2 1: x"
     )
+
+
+def test_the_webui_and_comfyui_hosts_never_import_each_other():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    hosts = root / "tiled_diffusion" / "hosts"
+
+    def imported(path: Path) -> set[str]:
+        """Absolute names of what a module imports; `.x` in hosts/ is hosts.x, `..x` core.x."""
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = {0: "", 1: "hosts.", 2: "core."}[node.level] + (node.module or "")
+                names |= {base} | {f"{base}.{a.name}".strip(".") for a in node.names}
+            elif isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+        return names
+
+    comfy = sorted(hosts.glob("comfyui*.py"))
+    webui = [p for p in hosts.glob("*.py") if not p.name.startswith("comfyui")] + [
+        *(root / "scripts").glob("*.py")
+    ]
+    webui_modules = {f"hosts.{p.stem}" for p in hosts.glob("*.py")} - {f"hosts.{p.stem}" for p in comfy}
+    webui_modules -= {"hosts.families", "hosts.__init__"}  # shared: no WebUI import in it
+    for path in comfy:
+        bad = {n for n in imported(path) if n.split(".")[0] in ("modules", "gradio")}
+        bad |= {n for n in imported(path) if any(n == m or n.startswith(m + ".") for m in webui_modules)}
+        assert not bad, (path.name, bad)
+    for path in webui:
+        assert not {n for n in imported(path) if "comfy" in n}, path.name
