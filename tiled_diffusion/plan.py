@@ -108,6 +108,12 @@ class Plan:
         return max((leaf.strength for leaf in self.leaves), default=0.0)
 
     @property
+    def keeps_original(self) -> bool:
+        """Whether the job keeps the original somewhere (skipped tiles, pixels of strength 0)."""
+        kept_pixels = self.pixel_strength is not None and bool((self.pixel_strength <= 0).any())
+        return kept_pixels or any(leaf.skipped for leaf in self.leaves)
+
+    @property
     def uses_original(self) -> bool:
         """Whether some tile needs the original latent (skipped or started late)."""
         return self.pixel_strength is not None or any(
@@ -224,8 +230,9 @@ def build_plan(
     placed: "Words where they are": phrase -> where its attention lies ([H, W] bool on the
         latent grid, `prompts.placed_masks`); a tile is not told the phrases placed elsewhere.
     pixel_strength: where the picture may change ([H, W] in 0..1, strength.py: a strength map
-        times the inpaint mask); a pixel's strength is its tile's times this. Tiles whose
-        band reaches no pixel above 0 get windows of their own, which are never evaluated.
+        times the inpaint mask); a pixel's strength is its tile's times this. Tiles none of
+        whose own pixels is above 0 change nothing (see inpaint_mask): they get windows of
+        their own, which are never evaluated.
     job_strength: the strength the job runs at (with pixel strengths: a tile of strength 1.0
         has it, and a pixel at 1 starts with the job).
     inpaint_mask: the repainted share of each latent pixel ([H, W], the WebUI's nmask), whose

@@ -109,9 +109,7 @@ def draw_plan(image, plan: Plan, show_detail: bool = False) -> Image.Image:
     picture = Image.alpha_composite(picture.convert("RGBA"), overlay).convert("RGB")
     key = "Yellow: fine detail, which decides where tiles split. " if show_detail else ""
     key += "Tile colour and number: denoise strength (blue 0, teal, gold, red 1). " if variable else ""
-    kept_pixels = plan.pixel_strength is not None and bool((plan.pixel_strength <= 0).any())
-    kept = kept_pixels or any(leaf.skipped for leaf in plan.leaves)
-    key += "Hatched: skipped, the original is kept. " if kept else ""
+    key += "Hatched: skipped, the original is kept. " if plan.keeps_original else ""
     key += "Magenta: regions; a tile gets the prompt of each region holding its centre. " if regions else ""
     if placed:
         key += (

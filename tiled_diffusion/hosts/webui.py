@@ -71,7 +71,7 @@ class Job(_HookedJob):
             images = [_resized_init_image(p, image) for image in p.init_images]
             size = (p.height // LATENT_SCALE, p.width // LATENT_SCALE)
             self._build(images[0], settings, size)
-            if settings.skip_mode == "Keep pixels" and _keeps(self.plan):
+            if settings.skip_mode == "Keep pixels" and self.plan.keeps_original:
                 self.pasting = images
         if settings.variable_denoise:
             strength = (
@@ -107,7 +107,9 @@ class Job(_HookedJob):
         else:
             pictures = [_resized_init_image(p, image) for image in p.init_images]
         self._build(pictures[0], self.settings, latent_size)
-        self.pasting = pictures if self.settings.skip_mode == "Keep pixels" and _keeps(self.plan) else []
+        self.pasting = (
+            pictures if self.settings.skip_mode == "Keep pixels" and self.plan.keeps_original else []
+        )
 
     def before_sampling(self, p: Any, x: torch.Tensor) -> None:
         """Install the tiled denoiser for the sampling pass about to start (`x`: its latent)."""
@@ -381,12 +383,6 @@ def upscale_init_images(p: Any, settings: Settings) -> Callable[[], None]:
         p.width, p.height, p.init_images = saved
 
     return undo
-
-
-def _keeps(plan: Plan) -> bool:
-    """Whether the plan keeps the original somewhere (skipped tiles, pixels of strength 0)."""
-    kept_pixels = plan.pixel_strength is not None and bool((plan.pixel_strength == 0).any())
-    return kept_pixels or any(leaf.skipped for leaf in plan.leaves)
 
 
 def _is_forge(p: Any) -> bool:
