@@ -73,16 +73,13 @@ class TiledDenoiser:
             raise ValueError("plan: variable denoise needs the sampler's sigmas; pass sigmas= to build_plan")
         self.original = original
         self._device_cache: dict[Any, tuple] = {}
-        self._starts: dict[float, torch.Tensor] = {}  # pixel start sigmas per window strength
-        self._device: torch.device | None = None
+        self._starts: dict[tuple, torch.Tensor] = {}  # pixel start sigmas per (window strength, device)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
         _check_latent("x", x, self.plan)
         rows = x.shape[0]
         level = _sigma_value(sigma)
         weights, weight_sum, original = self._on_device(x.device)
-        if self._device != x.device:
-            self._device, self._starts = x.device, {}
         if original is not None:
             if original.shape[1] != x.shape[1]:
                 raise ValueError(f"x: {x.shape[1]} channels but the original has {original.shape[1]}")
@@ -97,7 +94,7 @@ class TiledDenoiser:
             if original is None
             or (self.plan.leaves[w.leaves[0]].changes and self.plan.leaves[w.leaves[0]].is_active(level))
         ]
-        gates = self._pixel_gates(level, windows) if original is not None else {}
+        gates = self._pixel_gates(level, windows, x.device) if original is not None else {}
         if gates:  # a window none of whose band pixels has started is not evaluated
             windows = [w for w in windows if gates[id(w)] is not None]
         conds = self._window_conds(windows, cond, rows)
@@ -158,27 +155,32 @@ class TiledDenoiser:
         self.stats["evaluated_pixels"] += sum(w.w * w.h for w in batch)
         return out
 
-    def _pixel_gates(self, level: float, windows: list[Window]) -> dict[int, torch.Tensor | None]:
+    def _pixel_gates(
+        self, level: float, windows: list[Window], device: torch.device
+    ) -> dict[int, torch.Tensor | None]:
         """With pixel strengths: for each window (by id), which latent pixels have started at
         this noise level for its strength ([H, W], 1 or 0), or None when none of its bands has."""
         plan = self.plan
         if plan.pixel_strength is None:
             return {}
         gates: dict[int, torch.Tensor | None] = {}
+        by_strength: dict[float, torch.Tensor] = {}  # this call's gate of each window strength
         for w in windows:
             strength = plan.window_strength(w)
-            if strength not in self._starts:
-                self._starts[strength] = (
-                    pixel_starts(
+            if strength not in by_strength:
+                key = (strength, device)
+                if key not in self._starts:
+                    starts = pixel_starts(
                         plan.pixel_strength.double() * strength,
                         plan.job_strength,
                         plan.sigmas,
                         plan.start_rule,
                     )
-                    .float()
-                    .to(self._device)
-                )
-            gate = (level <= self._starts[strength] * (1 + 1e-3)).float()  # the rule of Leaf.is_active
+                    self._starts[key] = starts.float().to(device)
+                by_strength[strength] = (
+                    level <= self._starts[key] * (1 + 1e-3)
+                ).float()  # Leaf.is_active's rule
+            gate = by_strength[strength]
             started = any(bool(gate[b.y : b.y + b.h, b.x : b.x + b.w].any()) for b in w.bands)
             gates[id(w)] = gate if started else None
         return gates
