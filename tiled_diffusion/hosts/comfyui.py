@@ -13,7 +13,6 @@ Nothing here imports ComfyUI at module level: the tests drive it with stand-ins.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from ..denoiser import TiledDenoiser
 from ..plan import Plan
 from ..settings import PARAMETERS_BY_NAME, TITLE
+from ..strength import pixel_starts
 from . import families
 from .comfyui_control import CALC_COND_BATCH, ComfyChain, without_control
 
@@ -56,6 +56,12 @@ def family_of(model: Any) -> families.Family:
     return families.with_patch(name, getattr(base, "diffusion_model", None))
 
 
+def run_strength(plan: Plan) -> float:
+    """The strength a KSampler runs a plan at: its largest tile strength with variable
+    denoise, else 1 (the KSampler's own denoise is the job's strength)."""
+    return plan.max_strength if plan.settings.variable_denoise else 1.0
+
+
 def run_starts(plan: Plan, sample_sigmas: torch.Tensor) -> Plan:
     """The plan timed by the schedule this sampler run really takes.
 
@@ -67,18 +73,10 @@ def run_starts(plan: Plan, sample_sigmas: torch.Tensor) -> Plan:
     for the KSampler), or 1 (the run itself) without variable denoise.
     """
     sigmas = torch.as_tensor(sample_sigmas, dtype=torch.float64).flatten().cpu()
-    steps = len(sigmas) - 1
-    top = plan.max_strength if plan.settings.variable_denoise else 1.0
-
-    def start(strength: float) -> float:
-        if strength <= 0:
-            return -math.inf
-        if strength >= top:
-            return math.inf
-        runs = int(steps * strength / top + 1e-6)  # interpolated strengths are a rounding off
-        return float(sigmas[steps - runs]) if runs > 0 else -math.inf
-
-    leaves = [dataclasses.replace(leaf, start_sigma=start(leaf.strength)) for leaf in plan.leaves]
+    top = run_strength(plan)
+    strengths = torch.tensor([leaf.strength for leaf in plan.leaves], dtype=torch.float64)
+    starts = pixel_starts(strengths, top, sigmas, rule="run").tolist()  # the rule of grey pixels too
+    leaves = [dataclasses.replace(leaf, start_sigma=start) for leaf, start in zip(plan.leaves, starts)]
     return dataclasses.replace(plan, leaves=leaves, sigmas=sigmas, job_strength=top, start_rule="run")
 
 

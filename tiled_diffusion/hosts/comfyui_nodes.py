@@ -179,7 +179,7 @@ class QuadtreeTiledDiffusion:
         )
         print(f"Quadtree Tiled Diffusion: {plan.summary()}", flush=True)
         original = model.model.process_latent_in(samples.float())
-        top = plan.max_strength if settings.variable_denoise else 1.0
+        top = comfyui.run_strength(plan)
         return comfyui.patched(model, plan, original, window_cond=window_cond), plan, top
 
 
