@@ -374,7 +374,7 @@ def upscale_init_images(p: Any, settings: Settings) -> Callable[[], None]:
     mode = mode if mode in (0, 1, 2) else 0  # 3, "latent upscale": the images themselves just resized
     # A new list: XYZ plot's copies of p share the old one.
     p.init_images = [
-        images.resize_image(mode, _flattened(image), width, height, upscaler_name=settings.upscaler)
+        images.resize_image(mode, where.flattened(image), width, height, upscaler_name=settings.upscaler)
         for image in p.init_images
     ]
     p.width, p.height = width, height
@@ -399,15 +399,7 @@ def _resized_init_image(p: Any, image: Image.Image) -> Image.Image:
         from modules import images  # the WebUI's own resize (crop / fill / just resize)
     except ImportError:
         return image.convert("RGB").resize((p.width, p.height), Image.Resampling.LANCZOS)
-    return images.resize_image(mode, _flattened(image), p.width, p.height)
-
-
-def _flattened(image: Image.Image) -> Image.Image:
-    """An init image in RGB as the WebUI reads it: an RGBA image's transparency filled with
-    the img2img background colour (modules/images.py flatten), not dropped to black."""
-    from modules import images, shared
-
-    return images.flatten(image, shared.opts.img2img_background_color)
+    return images.resize_image(mode, where.flattened(image), p.width, p.height)
 
 
 def _log(text: str) -> None:

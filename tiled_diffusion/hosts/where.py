@@ -31,10 +31,17 @@ def only_masked_crop(p: Any) -> tuple[int, int, int, int] | None:
 def cropped(p: Any, image: Image.Image, crop: tuple[int, int, int, int]) -> Image.Image:
     """The init image as an "Only masked" job sees it: the crop, resized to the job as the
     WebUI resizes it (processing.py: crop, then "resize and fill")."""
+    from modules import images
+
+    return images.resize_image(2, flattened(image).crop(crop), p.width, p.height)
+
+
+def flattened(image: Image.Image) -> Image.Image:
+    """An init image in RGB as the WebUI reads it: an RGBA image's transparency filled with
+    the img2img background colour (modules/images.py flatten), not dropped to black."""
     from modules import images, shared
 
-    flat = images.flatten(image, shared.opts.img2img_background_color)
-    return images.resize_image(2, flat.crop(crop), p.width, p.height)
+    return images.flatten(image, shared.opts.img2img_background_color)
 
 
 def check(p: Any, settings: Settings) -> None:
