@@ -18,7 +18,7 @@ from ..blend import paste_kept_pixels
 from ..plan import Plan, build_plan
 from ..quadtree import LATENT_SCALE
 from ..settings import Settings, SettingsError
-from ..strength import StrengthMap, check_fits, fit_to_job, on_latent_grid, with_inpaint_mask
+from ..strength import StrengthMap, fit_to_job, on_latent_grid, with_inpaint_mask
 from ..ui import preview_tiles
 from . import comfyui
 from .comfyui_prompts import RegionConditioning, encode_regions
@@ -162,8 +162,7 @@ class QuadtreeTiledDiffusion:
         picture = to_pil(image)
         strengths = None
         painted = _map_of(strength_map)
-        if painted is not None:
-            check_fits(painted, picture.size)
+        if painted is not None:  # fit_to_job refuses a map of another aspect ratio
             strengths = on_latent_grid(fit_to_job(painted, picture.size, job_size), latent_size)
         repainted = comfyui.latent_mask(latent.get("noise_mask"), samples.shape)
         strengths = with_inpaint_mask(strengths, repainted, latent_size)
