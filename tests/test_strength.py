@@ -360,6 +360,29 @@ def test_the_preview_hatches_what_the_inpaint_mask_keeps(image, host):
     assert difference[far].mean() > 10 and difference[near].mean() < 1
 
 
+def test_the_preview_plans_the_windows_around_a_mask_as_the_job_does(image, monkeypatch):
+    """Near an inpaint mask a tile whose band reaches the mask is computed (the band rule),
+    in the preview as in the job: the same tiles change."""
+    import tiled_diffusion.ui as ui
+
+    planned = []
+    monkeypatch.setattr(
+        ui, "build_plan", lambda *a, **k: planned.append(td.build_plan(*a, **k)) or planned[-1]
+    )
+    mask = Image.new("L", image.size, 0)
+    mask.paste(255, (0, 0, 100, 100))  # an edge inside a tile: its neighbours' bands reach it
+    inpaint = inpaint_preview(["tab", "upload_image", "upload_mask"], 4, image, mask)
+    settings = td.Settings(min_tile=64, max_tile=256)
+    preview_tiles(None, W * 8, H * 8, *settings.as_args(), inpaint=inpaint)
+    repainted = on_latent_grid(repainted_share(mask, (W * 8, H * 8)), (H, W))
+    strengths = with_inpaint_mask(None, repainted, (H, W))
+    job = td.build_plan(image, settings, (H, W), pixel_strength=strengths, inpaint_mask=repainted)
+    own_pixels_only = td.build_plan(image, settings, (H, W), pixel_strength=strengths)
+    changing = [leaf.changes for leaf in job.leaves]
+    assert changing != [leaf.changes for leaf in own_pixels_only.leaves], "the band rule matters here"
+    assert [leaf.changes for leaf in planned[-1].leaves] == changing
+
+
 def test_the_preview_reads_no_inpaint_mask_on_other_tabs_and_inverts_on_request(image):
     assert inpaint_preview(["tab", "inpaint"], 0, {"image": image, "mask": painted_corner()}) is None
     inverted = inpaint_preview(

@@ -228,11 +228,15 @@ def preview_tiles(
         except SettingsError as error:
             return None, _escape(f"Settings error: {error}")
         strengths = on_latent_grid(fitted, latent_size)
+    repainted = None
     if inpaint is not None and inpaint.get("mask") is not None:
         mask, blur, invert = inpaint["mask"], inpaint.get("blur", 0), inpaint.get("invert")
         share = repainted_share(mask, (width, height), blur, invert)
-        strengths = with_inpaint_mask(strengths, on_latent_grid(share, latent_size), latent_size)
-    plan = build_plan(image, settings, latent_size, sigmas, placed=placed, pixel_strength=strengths)
+        repainted = on_latent_grid(share, latent_size)
+        strengths = with_inpaint_mask(strengths, repainted, latent_size)
+    plan = build_plan(
+        image, settings, latent_size, sigmas, placed=placed, pixel_strength=strengths, inpaint_mask=repainted
+    )
     plan.notes.extend(lines)
     return draw_plan(image, plan, show_detail), _escape(" ".join([plan.summary(), *lines]))
 
